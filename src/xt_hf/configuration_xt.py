@@ -1,0 +1,203 @@
+"""xT configuration: one dataclass that decides every architectural choice, including each quirk
+of the released checkpoints (see `../shared/fixtures/original_xt/README.md` of the project)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+CONTEXT_ENCODERS = ("none", "attention", "mamba")
+CLASSIFIERS = ("pool", "context")
+
+
+@strict
+class XTConfig(PreTrainedConfig):
+    r"""
+    Configuration of an xT model: nested tokenization → region encoder → stitch → context encoder → head.
+
+    Field defaults describe the released Swin-v2-T "hyper" xT model (region 256, 2 context layers of
+    width 768). The conversion script sets the quirk fields to the values the released checkpoints
+    need; they are marked *(released: ...)* below.
+
+    Args:
+        region_size (`int`, defaults to 256):
+            Side of the square regions the image is cut into. The region encoder sees one region at a
+            time, so this is also the backbone's input size (`backbone_config.image_size` is set to it).
+        backbone_config (`PreTrainedConfig` or `dict`, *optional*):
+            Any transformers backbone config (`Swinv2Config` by default; `HieraConfig`, `ConvNextConfig`,
+            or `TimmBackboneConfig` for timm models such as `fastvit_mci3`). Its `out_features` decide
+            which stages are stitched; the last one feeds the context encoder.
+        region_encoder_output_norm (`bool`, defaults to `False`):
+            Keep the per-stage output LayerNorm that transformers backbones (Hiera, ConvNeXt) add.
+            *(released: False: timm's `features_only` Swin and `HieraWrapper` output un-normalised maps.)*
+        region_batch_size (`int`, *optional*):
+            Encode at most this many regions at a time. Bounds peak memory; never changes outputs.
+            `None` encodes all regions of the batch at once.
+        grad_ratio (`float`, defaults to 1.0):
+            While training, the fraction of regions (in their original order) that keep gradients; the
+            rest run under `no_grad`. Saves memory on very large images.
+        context_encoder (`str`, defaults to `"attention"`):
+            `"none"`, `"attention"` (Llama-style blocks) or `"mamba"` (bidirectional-alternating Mamba).
+        context_hidden_size (`int`, defaults to 768):
+            Width of the context encoder; region features are projected to it.
+        context_num_layers (`int`, defaults to 2):
+            Number of context encoder blocks.
+        context_num_heads (`int`, *optional*):
+            Attention heads. `None` uses `context_hidden_size // 128` (at least 1), which is what every
+            released checkpoint computes whatever its config says.
+        context_mlp_ratio (`float`, defaults to 4.0):
+            Width of the gated MLP of attention blocks relative to `context_hidden_size`.
+        context_attention_causal (`bool`, defaults to `True`):
+            Causal self-attention over the token sequence. *(released "hyper": True; "naive": False.)*
+        context_attention_scale (`float`, *optional*):
+            Softmax scale; `None` means `head_dim ** -0.5`. *(released "naive": 1.0.)*
+        context_qkv_bias (`bool`, defaults to `True`):
+            Bias of the fused query/key/value projection.
+        context_rms_norm_eps (`float`, defaults to 1e-5):
+            Epsilon of the RMSNorms in attention blocks. *(released: 1e-5, not Llama's 1e-6.)*
+        context_layer_norm_eps (`float`, defaults to 1e-5):
+            Epsilon of the LayerNorms of Mamba blocks and of the heads.
+        context_position_embedding (`str`, defaults to `"sincos_2d"`):
+            `"sincos_2d"`: fixed MAE-style 2-D sin-cos embedding of each token's global (row, column) in
+            the stitched grid, added after the input projection. The first half of the channels encodes
+            the column, the second half the row (the released models' layout). `"none"` adds nothing.
+        cls_token_position (`str`, defaults to `"last"`):
+            Where the `"context"` classifier's CLS token joins the sequence. It never gets a position
+            embedding. *(released: "last", which matters with causal attention: it sees every token.)*
+        in_context_patches (`int`, defaults to -1):
+            When > 0, the context encoder runs over windows of this many tokens that advance by half a
+            window (each window keeps the previous window's second half as context), each window with
+            its own CLS token; the pooled output is the mean of the windows' CLS states, as in the
+            original "XL" code. `-1` (or any value ≥ the sequence length) runs on the whole sequence.
+        mamba_d_state (`int`, defaults to 16), mamba_d_conv (`int`, defaults to 4), mamba_expand (`int`, defaults to 2):
+            Selective-scan state size, causal depthwise convolution width and inner-width multiplier.
+        mamba_dt_rank (`int`, *optional*):
+            Rank of the step-size projection; `None` means `ceil(context_hidden_size / 16)`.
+        mamba_reverse_even_layers (`bool`, defaults to `True`):
+            Layers 0, 2, 4, ... scan the sequence backwards, the others forwards. *(released: True.)*
+        mamba_residual_from_normed (`bool`, defaults to `True`):
+            The Mamba block computes `n = LayerNorm(x); x = n + Mamba(n)`: the residual is the
+            normalised tensor, not the block input. *(released: True.)* `False` gives the usual
+            `x + Mamba(LayerNorm(x))`.
+        classifier (`str`, defaults to `"context"`):
+            `"pool"`: global average pool of the tokens and an MLP (the original "naive" head).
+            `"context"`: a CLS token goes through the context encoder and a LayerNorm + Linear reads it
+            (the original "xl" head). Needs a context encoder.
+        classifier_mlp_ratio (`int`, defaults to 4):
+            Hidden width of the `"pool"` head's MLP relative to its input width.
+        initializer_range (`float`, defaults to 0.02):
+            Standard deviation of the truncated normal used to initialise new weights.
+    """
+
+    model_type = "xt"
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="swinv2",
+            init_kwargs={
+                "image_size": 256,
+                "window_size": 16,
+                "embed_dim": 96,
+                "depths": [2, 2, 6, 2],
+                "num_heads": [3, 6, 12, 24],
+                "drop_path_rate": 0.0,
+                "out_features": ["stage4"],
+            },
+        ),
+    }
+
+    region_size: int = 256
+    backbone_config: dict | PreTrainedConfig | None = None
+    region_encoder_output_norm: bool = False
+    region_batch_size: int | None = None
+    grad_ratio: float | int = 1.0
+
+    context_encoder: Literal["none", "attention", "mamba"] = "attention"
+    context_hidden_size: int = 768
+    context_num_layers: int = 2
+    context_num_heads: int | None = None
+    context_mlp_ratio: float | int = 4.0
+    context_attention_causal: bool = True
+    context_attention_scale: float | None = None
+    context_qkv_bias: bool = True
+    context_rms_norm_eps: float = 1e-5
+    context_layer_norm_eps: float = 1e-5
+    context_position_embedding: Literal["sincos_2d", "none"] = "sincos_2d"
+    cls_token_position: Literal["last", "first"] = "last"
+    in_context_patches: int = -1
+
+    mamba_d_state: int = 16
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_dt_rank: int | None = None
+    mamba_reverse_even_layers: bool = True
+    mamba_residual_from_normed: bool = True
+
+    classifier: Literal["pool", "context"] = "context"
+    classifier_mlp_ratio: int = 4
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.context_num_heads is None:
+            self.context_num_heads = max(1, self.context_hidden_size // 128)
+        if self.mamba_dt_rank is None:
+            self.mamba_dt_rank = math.ceil(self.context_hidden_size / 16)
+        # The region is the backbone's whole input image; keep the two from disagreeing.
+        image_size = getattr(self.backbone_config, "image_size", None)
+        if isinstance(image_size, (list, tuple)):
+            self.backbone_config.image_size = [self.region_size, self.region_size]
+        elif image_size is not None:
+            self.backbone_config.image_size = self.region_size
+
+    def validate_architecture(self):
+        """Runs at construction (`@strict`): every message names the offending field."""
+        if not isinstance(self.region_size, int) or self.region_size <= 0:
+            raise ValueError(f"`region_size` must be a positive integer, got {self.region_size!r}.")
+        if not hasattr(self.backbone_config, "out_features") or not hasattr(self.backbone_config, "stage_names"):
+            raise ValueError(
+                f"`backbone_config` must be a transformers backbone config (one with `out_features`, such as "
+                f"Swinv2Config, HieraConfig, ConvNextConfig or TimmBackboneConfig), got "
+                f"{type(self.backbone_config).__name__}."
+            )
+        if self.region_batch_size is not None and self.region_batch_size < 1:
+            raise ValueError(f"`region_batch_size` must be None or ≥ 1, got {self.region_batch_size}.")
+        if not 0.0 < self.grad_ratio <= 1.0:
+            raise ValueError(f"`grad_ratio` must be in (0, 1], got {self.grad_ratio}.")
+        if self.context_encoder not in CONTEXT_ENCODERS:
+            raise ValueError(f"`context_encoder` must be one of {CONTEXT_ENCODERS}, got {self.context_encoder!r}.")
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"`classifier` must be one of {CLASSIFIERS}, got {self.classifier!r}.")
+        if self.classifier == "context" and self.context_encoder == "none":
+            raise ValueError(
+                '`classifier="context"` reads a CLS token that only a context encoder can fill: set '
+                '`context_encoder` to "attention" or "mamba", or use `classifier="pool"`.'
+            )
+        for name in ("context_hidden_size", "context_num_layers", "mamba_d_state", "mamba_d_conv", "mamba_expand"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be ≥ 1, got {getattr(self, name)}.")
+        if self.context_position_embedding == "sincos_2d" and self.context_hidden_size % 4:
+            raise ValueError(
+                f"`context_hidden_size` must be a multiple of 4 for the 2-D sin-cos position embedding, "
+                f"got {self.context_hidden_size}."
+            )
+        heads = self.context_num_heads
+        if heads is not None and (heads < 1 or self.context_hidden_size % heads):
+            raise ValueError(
+                f"`context_num_heads` ({heads}) must be ≥ 1 and divide `context_hidden_size` "
+                f"({self.context_hidden_size})."
+            )
+        if self.in_context_patches == 1 or self.in_context_patches == 0 or self.in_context_patches < -1:
+            raise ValueError(
+                f"`in_context_patches` must be -1 (off) or ≥ 2 (windows advance by half their length), "
+                f"got {self.in_context_patches}."
+            )
+        if self.context_mlp_ratio <= 0 or self.classifier_mlp_ratio < 1:
+            raise ValueError("`context_mlp_ratio` must be > 0 and `classifier_mlp_ratio` ≥ 1.")
+
+
+__all__ = ["XTConfig"]
