@@ -1,0 +1,38 @@
+"""xT ("Nested Tokenization for Larger Context in Large Images") as transformers models.
+
+Importing the package registers XTConfig, XTModel, XTForImageClassification and XTImageProcessor with
+the transformers Auto classes, and marks them so that `save_pretrained` writes the code and `auto_map`
+that let `trust_remote_code=True` load a saved model where this package is not installed.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+)
+
+from .configuration_xt import XTConfig
+from .image_processing_xt import XTImageProcessor
+from .modeling_xt import XTForImageClassification, XTModel, XTModelOutput, XTPreTrainedModel
+
+AutoConfig.register(XTConfig.model_type, XTConfig, exist_ok=True)
+AutoModel.register(XTConfig, XTModel, exist_ok=True)
+AutoModelForImageClassification.register(XTConfig, XTForImageClassification, exist_ok=True)
+AutoImageProcessor.register(XTConfig, image_processor_classes={"pil": XTImageProcessor}, exist_ok=True)
+
+XTConfig.register_for_auto_class()
+XTModel.register_for_auto_class("AutoModel")
+XTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+XTImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "XTConfig",
+    "XTForImageClassification",
+    "XTImageProcessor",
+    "XTModel",
+    "XTModelOutput",
+    "XTPreTrainedModel",
+]

@@ -1,0 +1,105 @@
+"""Llama-style attention blocks of the context encoder (the released "hyper" and "naive" layers)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_xt import XTConfig
+
+
+class XTRMSNorm(nn.Module):
+    """RMSNorm computed in float32, as Llama's (and the released models') is."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+def eager_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention on `(batch, heads, L, head_dim)`; returns `(batch, L, heads, head_dim)` and weights.
+
+    The causal mask adds `finfo.min` above the diagonal, exactly as the original `exact_attention`.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if causal:
+        length = scores.shape[-1]
+        mask = torch.ones(length, length, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores + mask.to(scores.dtype) * torch.finfo(scores.dtype).min
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2), weights
+
+
+class XTSelfAttention(nn.Module):
+    """Multi-head self-attention with a fused, biased qkv projection (released key names `qkv`, `proj`)."""
+
+    def __init__(self, config: XTConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.context_hidden_size
+        self.num_heads = config.context_num_heads
+        self.head_dim = hidden // self.num_heads
+        self.scale = config.context_attention_scale or self.head_dim**-0.5
+        self.is_causal = config.context_attention_causal
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=config.context_qkv_bias)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(batch, L, hidden)` → `(batch, L, hidden)` and, with eager attention, the attention weights."""
+        batch, length, hidden = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        implementation = self.config._attn_implementation or "sdpa"
+        if implementation == "eager":
+            output, weights = eager_attention(query, key, value, scale=self.scale, causal=self.is_causal)
+        else:
+            output, weights = ALL_ATTENTION_FUNCTIONS[implementation](
+                self, query, key, value, None, scaling=self.scale, dropout=0.0, is_causal=self.is_causal
+            )
+        return self.proj(output.reshape(batch, length, hidden)), weights
+
+
+class XTGatedMLP(nn.Module):
+    """`down(GELU(gate(x)) · up(x))` without biases, with the exact (erf) GELU."""
+
+    def __init__(self, config: XTConfig):
+        super().__init__()
+        hidden = config.context_hidden_size
+        inner = int(hidden * config.context_mlp_ratio)
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.act_fn = nn.GELU()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class XTAttentionBlock(GradientCheckpointingLayer):
+    """Pre-norm block: `x + attn(RMSNorm(x))`, then `x + mlp(RMSNorm(x))`."""
+
+    def __init__(self, config: XTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = XTRMSNorm(config.context_hidden_size, eps=config.context_rms_norm_eps)
+        self.attn = XTSelfAttention(config)
+        self.post_attention_layernorm = XTRMSNorm(config.context_hidden_size, eps=config.context_rms_norm_eps)
+        self.mlp = XTGatedMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attn(self.input_layernorm(hidden_states))
+        hidden_states = hidden_states + attended
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, weights

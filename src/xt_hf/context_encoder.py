@@ -1,0 +1,116 @@
+"""Context encoder: a long-sequence model over every token of the stitched region grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .configuration_xt import XTConfig
+from .context_attention import XTAttentionBlock
+from .context_mamba import XTMambaBlock
+from .position_embedding import sincos_2d_position_embedding
+
+
+@dataclass
+class ContextEncoding:
+    """What the context encoder hands to the model: per-token states, the pooled CLS state, extras."""
+
+    tokens: torch.Tensor
+    cls_state: torch.Tensor | None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class XTContextEncoder(nn.Module):
+    """Projects the grid tokens, adds 2-D position embeddings, appends a CLS token, runs the blocks.
+
+    Tokens are the stitched grid flattened row-major over the whole image (not region by region).
+    """
+
+    def __init__(self, config: XTConfig, in_channels: int):
+        super().__init__()
+        self.config = config
+        hidden = config.context_hidden_size
+        self.input_proj = nn.Linear(in_channels, hidden)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden)) if config.classifier == "context" else None
+        block = XTMambaBlock if config.context_encoder == "mamba" else XTAttentionBlock
+        self.layers = nn.ModuleList(block(config, layer_idx) for layer_idx in range(config.context_num_layers))
+
+    def forward(
+        self,
+        grid: torch.Tensor,
+        *,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> ContextEncoding:
+        """`grid` `(batch, C, h, w)` → tokens `(batch, h·w, hidden)` (CLS excluded) and the CLS state."""
+        batch, _, height, width = grid.shape
+        tokens = self.input_proj(grid.flatten(2).transpose(1, 2))
+        if self.config.context_position_embedding == "sincos_2d":
+            position = sincos_2d_position_embedding(height, width, tokens.shape[-1], device=tokens.device)
+            tokens = tokens + position.to(tokens.dtype)
+        tokens = self._add_cls(tokens)
+
+        window = self.config.in_context_patches
+        if 0 < window < tokens.shape[1]:
+            return self._forward_windows(tokens, window)
+
+        all_hidden, all_attentions = [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(tokens)
+            tokens, attentions = layer(tokens)
+            all_attentions.append(attentions)
+        if output_hidden_states:
+            all_hidden.append(tokens)
+        tokens, cls_state = self._split_cls(tokens)
+        return ContextEncoding(
+            tokens=tokens,
+            cls_state=cls_state,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions and all_attentions[0] is not None else None,
+        )
+
+    def _add_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cls_token is None:
+            return tokens
+        cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        pieces = (tokens, cls) if self.config.cls_token_position == "last" else (cls, tokens)
+        return torch.cat(pieces, dim=1)
+
+    def _split_cls(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.cls_token is None:
+            return tokens, None
+        if self.config.cls_token_position == "last":
+            return tokens[:, :-1], tokens[:, -1]
+        return tokens[:, 1:], tokens[:, 0]
+
+    def _run_layers(self, tokens: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            tokens, _ = layer(tokens)
+        return tokens
+
+    def _forward_windows(self, tokens: torch.Tensor, window: int) -> ContextEncoding:
+        """Transformer-XL-style pass: windows of `window` tokens advancing by half a window.
+
+        Each window sees the previous half-window as memory. A token's output comes from the window
+        where it sits in the second half (so it has that memory), except in the very first half-window.
+        As in the original, every window gets its own CLS token, the sequence's own CLS (if any) is an
+        ordinary token of the windows that reach it, and the pooled state is the mean of the windows' CLS.
+        """
+        stride = window // 2
+        length = tokens.shape[1]
+        outputs = torch.empty_like(tokens)
+        window_cls = []
+        for start in range(0, length - 1 if self.cls_token is not None else length, stride):
+            piece = self._add_cls(tokens[:, start : start + window])
+            piece, cls_state = self._split_cls(self._run_layers(piece))
+            if cls_state is not None:
+                window_cls.append(cls_state)
+            keep_from = 0 if start == 0 else stride
+            outputs[:, start + keep_from : start + piece.shape[1]] = piece[:, keep_from:]
+        outputs, _ = self._split_cls(outputs)
+        cls_state = torch.stack(window_cls, dim=1).mean(dim=1) if window_cls else None
+        return ContextEncoding(tokens=outputs, cls_state=cls_state)

@@ -1,0 +1,224 @@
+"""xT models: nested tokenization → region encoder → stitch → context encoder → head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_xt import XTConfig
+from .context_encoder import XTContextEncoder
+from .context_mamba import XTMambaMixer
+from .nested_tokenization import pad_to_region_multiple, region_grid_shape
+from .region_encoder import XTRegionEncoder
+
+
+@dataclass
+class XTModelOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, rows·h · cols·w, hidden_size)`):
+        Context-encoded tokens of the stitched grid, row-major over the whole image (the stitched
+        region features themselves when `context_encoder="none"`). Excludes the CLS token.
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        The CLS state for `classifier="context"`, else the mean of `last_hidden_state`.
+    region_feature_maps (`tuple(torch.FloatTensor)`, *optional*, returned with `output_region_features=True`):
+        One stitched `(batch_size, channels, rows·h, cols·w)` map per `backbone_config.out_features` stage.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
+        The context encoder's input and each block's output `(batch_size, tokens, hidden_size)` (CLS included).
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True` and eager attention):
+        Attention weights of each context block.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    region_feature_maps: tuple[torch.FloatTensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class XTPreTrainedModel(PreTrainedModel):
+    config: XTConfig
+    config_class = XTConfig
+    base_model_prefix = "xt"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["XTRegionEncoder", "XTAttentionBlock", "XTMambaBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, XTContextEncoder) and module.cls_token is not None:
+            # As the original: a near-zero CLS, so it starts as a pure "query" of the sequence.
+            init.normal_(module.cls_token, std=1e-6)
+        elif isinstance(module, XTMambaMixer):
+            # Runs after its Linear children (children are initialised first), so its own scheme wins.
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
+
+
+class XTModel(XTPreTrainedModel):
+    """The xT encoder: returns context-encoded tokens of the whole image and a pooled state."""
+
+    def __init__(self, config: XTConfig):
+        super().__init__(config)
+        self.region_encoder = XTRegionEncoder(config)
+        channels = self.region_encoder.channels[-1]
+        self.context_encoder = XTContextEncoder(config, channels) if config.context_encoder != "none" else None
+        self.hidden_size = config.context_hidden_size if self.context_encoder is not None else channels
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_region_features: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> XTModelOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images of any size of at least one region per side; the bottom and right are
+            zero-padded to whole regions.
+        output_region_features (`bool`, *optional*):
+            Also return the stitched region feature maps of every `out_features` stage.
+        """
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        self._check_pixel_values(pixel_values)
+        rows, cols = region_grid_shape(*pixel_values.shape[-2:], self.config.region_size)
+        padded = pad_to_region_multiple(pixel_values, self.config.region_size)
+        region_feature_maps = self.region_encoder(padded, rows, cols)
+
+        grid = region_feature_maps[-1]
+        if self.context_encoder is None:
+            tokens, pooled = grid.flatten(2).transpose(1, 2), None
+            hidden_states = attentions = None
+        else:
+            encoding = self.context_encoder(
+                grid, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+            )
+            tokens, pooled = encoding.tokens, encoding.cls_state
+            hidden_states, attentions = encoding.hidden_states, encoding.attentions
+        if pooled is None:
+            pooled = tokens.mean(dim=1)
+
+        output = XTModelOutput(
+            last_hidden_state=tokens,
+            pooler_output=pooled,
+            region_feature_maps=tuple(region_feature_maps) if output_region_features else None,
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """Fail early, naming the problem, instead of deep inside a backbone."""
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}."
+            )
+        expected = self.config.backbone_config.num_channels
+        if pixel_values.shape[1] != expected:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} channels but the region encoder expects {expected} "
+                f"(backbone_config.num_channels)."
+            )
+        height, width = pixel_values.shape[-2:]
+        region = self.config.region_size
+        if height < region or width < region:
+            raise ValueError(
+                f"Image of {height}×{width} px is smaller than one region ({region}×{region} px): resize it to at "
+                f"least {region} px per side (XTImageProcessor(do_resize=True)) or use a model with a smaller "
+                f"region_size."
+            )
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contains NaN or infinite values.")
+
+
+class XTPoolingHead(nn.Module):
+    """The original "naive" head: `Linear(C, r·C) → GELU → LayerNorm → Linear(r·C, labels)` on the pooled state."""
+
+    def __init__(self, config: XTConfig, hidden_size: int):
+        super().__init__()
+        inner = hidden_size * config.classifier_mlp_ratio
+        self.dense = nn.Linear(hidden_size, inner)
+        self.act = nn.GELU()
+        self.layernorm = nn.LayerNorm(inner, eps=config.context_layer_norm_eps)
+        self.out_proj = nn.Linear(inner, config.num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.layernorm(self.act(self.dense(pooled))))
+
+
+class XTContextHead(nn.Module):
+    """The original "xl" head: `LayerNorm → Linear` on the CLS state (the blocks end without a norm)."""
+
+    def __init__(self, config: XTConfig, hidden_size: int):
+        super().__init__()
+        self.layernorm = nn.LayerNorm(hidden_size, eps=config.context_layer_norm_eps)
+        self.out_proj = nn.Linear(hidden_size, config.num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.layernorm(pooled))
+
+
+class XTForImageClassification(XTPreTrainedModel):
+    """xT with a classification head on the pooled state (`classifier="pool"` or `"context"`)."""
+
+    def __init__(self, config: XTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.xt = XTModel(config)
+        head = XTContextHead if config.classifier == "context" else XTPoolingHead
+        self.classifier = head(config, self.xt.hidden_size)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Class indices (single-label), multi-hot targets (multi-label) or values (regression, `num_labels == 1`),
+            chosen by `config.problem_type` as in every transformers classification head.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.xt(
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["XTForImageClassification", "XTModel", "XTModelOutput", "XTPreTrainedModel"]
