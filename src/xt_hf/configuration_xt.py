@@ -9,6 +9,7 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
 
 CONTEXT_ENCODERS = ("none", "attention", "mamba")
 CLASSIFIERS = ("pool", "context")
@@ -158,11 +159,10 @@ class XTConfig(PreTrainedConfig):
         """Runs at construction (`@strict`): every message names the offending field."""
         if not isinstance(self.region_size, int) or self.region_size <= 0:
             raise ValueError(f"`region_size` must be a positive integer, got {self.region_size!r}.")
-        if not hasattr(self.backbone_config, "out_features") or not hasattr(self.backbone_config, "stage_names"):
+        if getattr(self.backbone_config, "model_type", None) not in MODEL_FOR_BACKBONE_MAPPING_NAMES:
             raise ValueError(
-                f"`backbone_config` must be a transformers backbone config (one with `out_features`, such as "
-                f"Swinv2Config, HieraConfig, ConvNextConfig or TimmBackboneConfig), got "
-                f"{type(self.backbone_config).__name__}."
+                f"`backbone_config` must be the config of a transformers backbone (AutoBackbone: Swinv2Config, "
+                f"HieraConfig, ConvNextConfig, TimmBackboneConfig, ...), got {type(self.backbone_config).__name__}."
             )
         if self.region_batch_size is not None and self.region_batch_size < 1:
             raise ValueError(f"`region_batch_size` must be None or ≥ 1, got {self.region_batch_size}.")
