@@ -1,14 +1,22 @@
-"""`xt-hf` command line: `xt-hf demo` runs xT end to end on a generated large image."""
+"""`xt-hf` command line. Each command lives in its own module and registers its parser here.
+
+`xt-hf demo` runs xT end to end on a generated large image.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import resource
 import sys
 import time
 
 import numpy as np
 import torch
+
+
+# Modules providing `add_parser(subparsers)`, which registers a command whose `run(arguments)` does the work.
+COMMAND_MODULES = ("predict", "train")
 
 
 def generated_image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -69,6 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser.add_argument("--width", type=int, default=3072)
     demo_parser.add_argument("--region-batch-size", type=int, default=8)
     demo_parser.set_defaults(run=demo)
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"xt_hf.{module_name}")
+        except ImportError as error:  # an optional command whose extra is not installed
+            commands.add_parser(module_name, help=f"unavailable: {error}")
+            continue
+        module.add_parser(commands)
     arguments = parser.parse_args(argv)
     arguments.run(arguments)
 

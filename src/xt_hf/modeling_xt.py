@@ -105,28 +105,45 @@ class XTModel(XTPreTrainedModel):
         rows, cols = region_grid_shape(*pixel_values.shape[-2:], self.config.region_size)
         padded = pad_to_region_multiple(pixel_values, self.config.region_size)
         region_feature_maps = self.region_encoder(padded, rows, cols)
+        output = self.encode_context(
+            region_feature_maps,
+            output_region_features=output_region_features,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        return output if return_dict else output.to_tuple()
 
+    def encode_context(
+        self,
+        region_feature_maps: list[torch.Tensor] | tuple[torch.Tensor, ...],
+        output_region_features: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> XTModelOutput:
+        """Everything after the region encoder, on stitched maps `(batch, C_s, rows·h_s, cols·w_s)`.
+
+        Lets region features computed elsewhere (streamed from disk chunk by chunk, cached) go
+        through the same context encoder and pooling as `forward`.
+        """
         grid = region_feature_maps[-1]
         if self.context_encoder is None:
             tokens, pooled = grid.flatten(2).transpose(1, 2), None
             hidden_states = attentions = None
         else:
             encoding = self.context_encoder(
-                grid, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+                grid, output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions)
             )
             tokens, pooled = encoding.tokens, encoding.cls_state
             hidden_states, attentions = encoding.hidden_states, encoding.attentions
         if pooled is None:
             pooled = tokens.mean(dim=1)
-
-        output = XTModelOutput(
+        return XTModelOutput(
             last_hidden_state=tokens,
             pooler_output=pooled,
             region_feature_maps=tuple(region_feature_maps) if output_region_features else None,
             hidden_states=hidden_states,
             attentions=attentions,
         )
-        return output if return_dict else output.to_tuple()
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         """Fail early, naming the problem, instead of deep inside a backbone."""
