@@ -381,5 +381,5 @@ def test_bad_pixel_values_raise_a_clear_error(pixel_values, message):
 def test_invalid_config_names_the_field(overrides, field):
     arguments = dict(region_size=REGION, backbone_config=tiny_backbone_config(), context_hidden_size=32)
     arguments.update(overrides)
-    with pytest.raises(Exception, match=field):
+    with pytest.raises(ValueError, match=field):
         XTConfig(**arguments)

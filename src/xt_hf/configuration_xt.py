@@ -155,8 +155,15 @@ class XTConfig(PreTrainedConfig):
         elif image_size is not None:
             self.backbone_config.image_size = self.region_size
 
+        self.check_fields()
+
     def validate_architecture(self):
-        """Runs at construction (`@strict`): every message names the offending field."""
+        """`@strict`'s validation hook (`config.validate()`); the same checks as at construction."""
+        self.check_fields()
+
+    def check_fields(self):
+        """Raise `ValueError` naming the offending field. Runs at the end of construction, so a bad value never
+        yields a config (`@strict` would wrap the error in its own, non-`ValueError`, exception type)."""
         if not isinstance(self.region_size, int) or self.region_size <= 0:
             raise ValueError(f"`region_size` must be a positive integer, got {self.region_size!r}.")
         if getattr(self.backbone_config, "model_type", None) not in MODEL_FOR_BACKBONE_MAPPING_NAMES:
