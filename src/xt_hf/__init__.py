@@ -10,20 +10,29 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
 )
 
 from .configuration_xt import XTConfig
 from .image_processing_xt import XTImageProcessor
-from .modeling_xt import XTForImageClassification, XTModel, XTModelOutput, XTPreTrainedModel
+from .modeling_xt import (
+    XTForImageClassification,
+    XTForSemanticSegmentation,
+    XTModel,
+    XTModelOutput,
+    XTPreTrainedModel,
+)
 
 AutoConfig.register(XTConfig.model_type, XTConfig, exist_ok=True)
 AutoModel.register(XTConfig, XTModel, exist_ok=True)
 AutoModelForImageClassification.register(XTConfig, XTForImageClassification, exist_ok=True)
+AutoModelForSemanticSegmentation.register(XTConfig, XTForSemanticSegmentation, exist_ok=True)
 AutoImageProcessor.register(XTConfig, image_processor_classes={"pil": XTImageProcessor}, exist_ok=True)
 
 XTConfig.register_for_auto_class()
 XTModel.register_for_auto_class("AutoModel")
 XTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+XTForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 XTImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __version__ = "0.1.0"
@@ -31,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "XTConfig",
     "XTForImageClassification",
+    "XTForSemanticSegmentation",
     "XTImageProcessor",
     "XTModel",
     "XTModelOutput",

@@ -13,6 +13,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NA
 
 CONTEXT_ENCODERS = ("none", "attention", "mamba")
 CLASSIFIERS = ("pool", "context")
+LONG_SEQUENCE_ATTENTIONS = ("exact", "hyper")
 
 
 @strict
@@ -58,6 +59,22 @@ class XTConfig(PreTrainedConfig):
             Softmax scale; `None` means `head_dim ** -0.5`. *(released "naive": 1.0.)*
         context_qkv_bias (`bool`, defaults to `True`):
             Bias of the fused query/key/value projection.
+        context_long_sequence_attention (`str`, defaults to `"hyper"`):
+            Attention for sequences longer than `hyper_min_seq_len` tokens: `"hyper"` approximates it with
+            HyperAttention (`hyper_attention.py`: LSH-sorted block-diagonal attention plus a sampled residual,
+            memory O(L · `hyper_block_size`)), as the released "hyper" layers do; `"exact"` keeps exact
+            attention at any length. Shorter sequences are always exact, bit for bit. The HyperAttention
+            path returns no attention weights. *(released "hyper": "hyper"; "naive": "exact".)*
+        hyper_min_seq_len (`int`, defaults to 4096):
+            Longest sequence that is always attended exactly. For causal attention the approximation only
+            starts at `2 · hyper_min_seq_len` tokens: in between, the halves are computed exactly, in pieces.
+        hyper_lsh_num_projs (`int`, defaults to 7):
+            Random projections of HyperAttention's angular LSH (`2**hyper_lsh_num_projs` buckets).
+        hyper_block_size (`int`, defaults to 256):
+            Keys per block of HyperAttention's bucket-sorted block diagonal (and queries per chunk of its
+            exact pieces): memory grows as sequence length × block size.
+        hyper_sample_size (`int`, defaults to 256):
+            Keys sampled uniformly for HyperAttention's residual (0: block diagonal only).
         context_rms_norm_eps (`float`, defaults to 1e-5):
             Epsilon of the RMSNorms in attention blocks. *(released: 1e-5, not Llama's 1e-6.)*
         context_layer_norm_eps (`float`, defaults to 1e-5):
@@ -90,6 +107,16 @@ class XTConfig(PreTrainedConfig):
             (the original "xl" head). Needs a context encoder.
         classifier_mlp_ratio (`int`, defaults to 4):
             Hidden width of the `"pool"` head's MLP relative to its input width.
+        decoder_hidden_size (`int`, defaults to 64):
+            Width of the per-region U-Net decoder of `XTForSemanticSegmentation`. It reads every stage in
+            `backbone_config.out_features` (list them all for a U-Net), shallow to deep.
+        decoder_output_stride (`int`, defaults to 1):
+            Segmentation logits are at `1 / decoder_output_stride` of the input resolution (1: full resolution).
+            Must divide the backbone's first out-feature stride.
+        semantic_loss_ignore_index (`int`, defaults to 255):
+            Label value that segmentation losses ignore (unlabelled pixels).
+        semantic_loss_dice_weight (`float`, defaults to 0.0):
+            Weight of a soft Dice loss added to the segmentation cross-entropy.
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the truncated normal used to initialise new weights.
     """
@@ -125,6 +152,11 @@ class XTConfig(PreTrainedConfig):
     context_attention_causal: bool = True
     context_attention_scale: float | None = None
     context_qkv_bias: bool = True
+    context_long_sequence_attention: Literal["exact", "hyper"] = "hyper"
+    hyper_min_seq_len: int = 4096
+    hyper_lsh_num_projs: int = 7
+    hyper_block_size: int = 256
+    hyper_sample_size: int = 256
     context_rms_norm_eps: float = 1e-5
     context_layer_norm_eps: float = 1e-5
     context_position_embedding: Literal["sincos_2d", "none"] = "sincos_2d"
@@ -140,6 +172,10 @@ class XTConfig(PreTrainedConfig):
 
     classifier: Literal["pool", "context"] = "context"
     classifier_mlp_ratio: int = 4
+    decoder_hidden_size: int = 64
+    decoder_output_stride: int = 1
+    semantic_loss_ignore_index: int = 255
+    semantic_loss_dice_weight: float | int = 0.0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -198,11 +234,32 @@ class XTConfig(PreTrainedConfig):
                 f"`context_num_heads` ({heads}) must be ≥ 1 and divide `context_hidden_size` "
                 f"({self.context_hidden_size})."
             )
+        if self.context_long_sequence_attention not in LONG_SEQUENCE_ATTENTIONS:
+            raise ValueError(
+                f"`context_long_sequence_attention` must be one of {LONG_SEQUENCE_ATTENTIONS}, "
+                f"got {self.context_long_sequence_attention!r}."
+            )
+        for name in ("hyper_min_seq_len", "hyper_block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be ≥ 1, got {getattr(self, name)}.")
+        if self.hyper_sample_size < 0:
+            raise ValueError(f"`hyper_sample_size` must be ≥ 0 (0: no residual), got {self.hyper_sample_size}.")
+        if not 0 <= self.hyper_lsh_num_projs <= 16:
+            raise ValueError(
+                f"`hyper_lsh_num_projs` must be in [0, 16] (2**n LSH buckets), got {self.hyper_lsh_num_projs}."
+            )
         if self.in_context_patches == 1 or self.in_context_patches == 0 or self.in_context_patches < -1:
             raise ValueError(
                 f"`in_context_patches` must be -1 (off) or ≥ 2 (windows advance by half their length), "
                 f"got {self.in_context_patches}."
             )
+        if self.decoder_hidden_size < 1 or self.decoder_output_stride < 1:
+            raise ValueError(
+                f"`decoder_hidden_size` and `decoder_output_stride` must be ≥ 1, got {self.decoder_hidden_size} and "
+                f"{self.decoder_output_stride}."
+            )
+        if self.semantic_loss_dice_weight < 0:
+            raise ValueError(f"`semantic_loss_dice_weight` must be ≥ 0, got {self.semantic_loss_dice_weight}.")
         if self.context_mlp_ratio <= 0 or self.classifier_mlp_ratio < 1:
             raise ValueError("`context_mlp_ratio` must be > 0 and `classifier_mlp_ratio` ≥ 1.")
 

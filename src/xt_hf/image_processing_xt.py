@@ -240,6 +240,41 @@ class XTImageProcessor(PilBackend):
             )
         return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
 
+    def post_process_semantic_segmentation(self, outputs, target_sizes: list[tuple[int, int]] | None = None) -> list:
+        """Per-image class maps `(height, width)` from `XTForSemanticSegmentation` outputs.
+
+        The model's logits cover the processed image: the original (or resized) pixels at the top left,
+        then the padding. With `target_sizes` (the original `(height, width)` of each image, as the
+        `image-segmentation` pipeline passes them), logits are brought to full resolution, the padding is
+        cropped away, and a resized image is resized back; without it, the uncropped map is returned.
+        """
+        import torch.nn.functional as F
+
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs["logits"]
+        if target_sizes is None:
+            return list(logits.argmax(dim=1))
+        if len(target_sizes) != len(logits):
+            raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {len(logits)} logits.")
+        sizes = [tuple(int(v) for v in size) for size in target_sizes]
+        resize_to = SizeDict(**self.size) if self.do_resize and self.size else None
+        processed = [
+            _resized_size(height, width, self.region_size, resize_to) if self.do_resize else (height, width)
+            for height, width in sizes
+        ]
+        # The batch was padded to its largest whole-region height; the logits' stride follows from that.
+        batch_height = max(-(-h // self.region_size) * self.region_size if self.do_pad else h for h, _ in processed)
+        stride = max(1, round(batch_height / logits.shape[-2]))
+        maps = []
+        for image_logits, (height, width), (processed_height, processed_width) in zip(logits, sizes, processed):
+            full = image_logits[None].float()
+            if stride > 1:
+                full = F.interpolate(full, scale_factor=stride, mode="bilinear", align_corners=False)
+            full = full[..., :processed_height, :processed_width]
+            if (processed_height, processed_width) != (height, width):
+                full = F.interpolate(full, size=(height, width), mode="bilinear", align_corners=False)
+            maps.append(full[0].argmax(dim=0))
+        return maps
+
     def _validate_preprocess_kwargs(
         self,
         region_size: int | None = None,

@@ -5,17 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.modeling_outputs import ImageClassifierOutput, SemanticSegmenterOutput
 from transformers.utils import ModelOutput
 
 from .configuration_xt import XTConfig
 from .context_encoder import XTContextEncoder
 from .context_mamba import XTMambaMixer
-from .nested_tokenization import pad_to_region_multiple, region_grid_shape
+from .nested_tokenization import as_region_grid, pad_to_region_multiple, region_grid_shape, region_index
 from .region_encoder import XTRegionEncoder
+from .segmentation_decoder import XTSegmentationDecoder
 
 
 @dataclass
@@ -68,6 +70,30 @@ class XTPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
         else:
             super()._init_weights(module)
+
+    @torch.no_grad()
+    def adapt_input_channels(self, num_channels: int) -> None:
+        """Make a model trained on 3-channel images take `num_channels` (1 for grey, 2 for SAR VV/VH, 4-13
+        multispectral), keeping what the first convolution learned.
+
+        Every new input channel gets the mean of the old filters, scaled by `old / num_channels`: an image
+        whose channels are all alike then produces exactly the activations the old model gave for it
+        (with one channel this is timm's summed filter). Fine-tuning then tells the channels apart.
+        Updates the config.
+        """
+        backbone = self.base_model.region_encoder.backbone
+        old = self.config.backbone_config.num_channels
+        stem = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d) and m.in_channels == old), None)
+        if stem is None:
+            raise ValueError(f"No {old}-channel input convolution found in the {type(backbone).__name__} region encoder.")
+        summed = stem.weight.sum(dim=1, keepdim=True)
+        adapted = (summed / num_channels).repeat(1, num_channels, 1, 1)
+        stem.weight = nn.Parameter(adapted.contiguous())
+        stem.in_channels = num_channels
+        for config in (self.config.backbone_config, backbone.config):
+            config.num_channels = num_channels
+        if hasattr(backbone, "embeddings") and hasattr(backbone.embeddings, "patch_embeddings"):
+            backbone.embeddings.patch_embeddings.num_channels = num_channels
 
 
 class XTModel(XTPreTrainedModel):
@@ -238,4 +264,125 @@ class XTForImageClassification(XTPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["XTForImageClassification", "XTModel", "XTModelOutput", "XTPreTrainedModel"]
+class XTForSemanticSegmentation(XTPreTrainedModel):
+    """xT with a per-region U-Net decoder: multi-scale region features plus context-encoded tokens → logits.
+
+    Logits cover the input at `1 / decoder_output_stride` of its resolution (padding cropped away).
+    """
+
+    def __init__(self, config: XTConfig):
+        super().__init__(config)
+        self.xt = XTModel(config)
+        context_channels = config.context_hidden_size if config.context_encoder != "none" else 0
+        self.decoder = XTSegmentationDecoder(config, self.xt.region_encoder.channels, context_channels)
+        if config.region_size % config.decoder_output_stride:
+            raise ValueError(
+                f"`decoder_output_stride` ({config.decoder_output_stride}) must divide `region_size` ({config.region_size})."
+            )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Class index per pixel at the input's resolution; `config.semantic_loss_ignore_index` marks pixels
+            without a label. The loss is cross-entropy (plus soft Dice with `semantic_loss_dice_weight`).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        height, width = pixel_values.shape[-2:]
+        if labels is not None and tuple(labels.shape) != (pixel_values.shape[0], height, width):
+            raise ValueError(
+                f"labels must be (batch, height, width) = {(pixel_values.shape[0], height, width)} to match "
+                f"pixel_values, got {tuple(labels.shape)}."
+            )
+        outputs = self.xt(
+            pixel_values,
+            output_region_features=True,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        rows, cols = region_grid_shape(height, width, self.config.region_size)
+        logits = self.decode(outputs.region_feature_maps, self.context_grid(outputs), rows, cols)
+        stride = self.config.decoder_output_stride
+        logits = logits[..., : -(-height // stride), : -(-width // stride)]
+
+        loss = None
+        if labels is not None:
+            loss = self.segmentation_loss(logits, labels)
+        output = SemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+    def context_grid(self, outputs: XTModelOutput) -> torch.Tensor | None:
+        """The context-encoded tokens put back on the last stage's stitched grid: `(batch, D, H_S, W_S)`."""
+        if self.xt.context_encoder is None:
+            return None
+        deepest = outputs.region_feature_maps[-1]
+        batch, _, grid_height, grid_width = deepest.shape
+        return outputs.last_hidden_state.transpose(1, 2).reshape(batch, -1, grid_height, grid_width)
+
+    def decode_regions(self, stage_features: list[torch.Tensor], context: torch.Tensor | None) -> torch.Tensor:
+        """Regions' stage maps (and context) → their logits `(n, num_labels, R/stride, R/stride)`."""
+        logits = self.decoder(stage_features, context)
+        side = self.config.region_size // self.config.decoder_output_stride
+        if logits.shape[-2:] != (side, side):
+            logits = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False)
+        return logits
+
+    def decode(
+        self, region_feature_maps: tuple[torch.Tensor, ...], context: torch.Tensor | None, rows: int, cols: int
+    ) -> torch.Tensor:
+        """Decode every region, `region_batch_size` at a time, into one `(batch, labels, rows·R/s, cols·R/s)` grid."""
+        batch = region_feature_maps[0].shape[0]
+        side = self.config.region_size // self.config.decoder_output_stride
+        region_views = [as_region_grid(m, m.shape[2] // rows, m.shape[3] // cols) for m in region_feature_maps]
+        context_view = None if context is None else as_region_grid(context, context.shape[2] // rows, context.shape[3] // cols)
+        logits = None
+        num_regions = batch * rows * cols
+        chunk = self.config.region_batch_size or num_regions
+        for start in range(0, num_regions, chunk):
+            flat = torch.arange(start, min(start + chunk, num_regions))
+            image, row, col = (i.to(region_feature_maps[0].device) for i in region_index(flat, rows, cols))
+            region_logits = self.decode_regions(
+                [view[image, row, col] for view in region_views],
+                None if context_view is None else context_view[image, row, col],
+            )
+            if logits is None:
+                logits = region_logits.new_empty(batch, region_logits.shape[1], rows * side, cols * side)
+            as_region_grid(logits, side, side)[image, row, col] = region_logits
+        return logits
+
+    def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over labelled pixels (at the labels' resolution), plus weighted soft Dice."""
+        if logits.shape[-2:] != labels.shape[-2:]:
+            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        ignore = self.config.semantic_loss_ignore_index
+        loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore)
+        if self.config.semantic_loss_dice_weight > 0:
+            labelled = (labels != ignore).unsqueeze(1)
+            probabilities = logits.float().softmax(dim=1) * labelled
+            targets = F.one_hot(labels.long().where(labels != ignore, 0), logits.shape[1]).permute(0, 3, 1, 2)
+            targets = targets * labelled
+            intersection = (probabilities * targets).sum(dim=(0, 2, 3))
+            total = probabilities.sum(dim=(0, 2, 3)) + targets.sum(dim=(0, 2, 3))
+            dice = 1 - (2 * intersection + 1) / (total + 1)
+            loss = loss + self.config.semantic_loss_dice_weight * dice.mean()
+        return loss
+
+
+__all__ = [
+    "XTForImageClassification",
+    "XTForSemanticSegmentation",
+    "XTModel",
+    "XTModelOutput",
+    "XTPreTrainedModel",
+]
