@@ -119,13 +119,15 @@ def xt_config_from_original(
             # LLMLayer ignores the configured heads: hidden // 128 (the original crashes below 128).
             arguments.update(context_encoder="attention", context_num_heads=max(1, hidden // 128),
                              context_attention_causal=True, context_attention_scale=None, context_qkv_bias=True,
-                             context_rms_norm_eps=1e-5)
+                             context_rms_norm_eps=1e-5, context_long_sequence_attention="hyper",
+                             hyper_min_seq_len=4096, hyper_lsh_num_projs=7, hyper_block_size=256,
+                             hyper_sample_size=256)
         elif method == "naive":
             # ViTAttention(dim, dim, heads) shifts its positional arguments: heads = dim, qkv_bias = dim // 128,
             # scale = 1.0, and the causal flag is swallowed.
             arguments.update(context_encoder="attention", context_num_heads=hidden, context_attention_causal=False,
                              context_attention_scale=1.0, context_qkv_bias=bool(hidden // 128),
-                             context_rms_norm_eps=1e-5)
+                             context_rms_norm_eps=1e-5, context_long_sequence_attention="exact")
         elif method == "mamba":
             arguments.update(context_encoder="mamba", mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
                              mamba_reverse_even_layers=True, mamba_residual_from_normed=True,
