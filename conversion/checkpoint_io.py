@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -25,10 +26,13 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"Refusing to load {path}: it needs to unpickle arbitrary Python objects, which could run code. "
-            f"Only tensor checkpoints are accepted (torch.load(weights_only=True) said: {str(error).splitlines()[0]})"
-        ) from error
+        global_name = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if global_name:
+            raise CheckpointError(
+                f"Refusing to load {path}: it needs to unpickle arbitrary Python objects ({global_name.group(1)}), "
+                f"which could run code. Only tensor checkpoints are accepted (torch.load(weights_only=True))."
+            ) from error
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?).") from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {str(error).splitlines()[0]}"

@@ -1,0 +1,188 @@
+"""Convert a released xT checkpoint into a Hub-ready transformers repo, and prove it equal to the original.
+
+    python conversion/convert_original_checkpoint.py --checkpoint swin-t-mamba-512-256-top1.ckpt \\
+        --variant swin-t-mamba-512-256 --output xt-swin-t-mamba [--verify io.safetensors] [--labels names.txt]
+
+Steps: read the checkpoint safely (tensors only) → build the XTConfig of the variant → rename every key
+with the declarative table of `key_mapping.py` → fail, naming them, on any missing, unexpected,
+unmatched or mis-shaped key → load → write config, safetensors weights, image processor, remote code
+and a model card → optionally compare with the original model's logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `conversion` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conversion.checkpoint_io import CheckpointError, load_original_state_dict  # noqa: E402
+from conversion.key_mapping import MappingContext, MappingReport, check_against_model, map_state_dict, rules_for  # noqa: E402
+from conversion.model_card import render_model_card  # noqa: E402
+from conversion.original_config import read_model_config, xt_config_from_original  # noqa: E402
+from xt_hf import XTForImageClassification, XTImageProcessor  # noqa: E402
+
+VARIANTS_FILE = Path(__file__).with_name("variants.json")
+LOGITS_TOLERANCE, FEATURES_TOLERANCE = 1e-5, 1e-4  # the float32 noise floor measured by the fixtures
+CLASSIFIER_WEIGHT_KEYS = ("decoder.cls.1.weight", "decoder.layers.3.weight")  # "xl" head, "naive" head
+
+
+class ConversionError(ValueError):
+    """A conversion that cannot produce a faithful model, with every reason by name."""
+
+
+def load_variants() -> dict[str, dict]:
+    return json.loads(VARIANTS_FILE.read_text())
+
+
+def resolve_variant(name: str) -> tuple[str, dict]:
+    """`(original config name, registry entry)` for an original config name or a Hub name."""
+    variants = load_variants()
+    if name in variants:
+        return name, variants[name]
+    for config_name, entry in variants.items():
+        if entry["hub_name"] == name:
+            return config_name, entry
+    known = list(variants) + [entry["hub_name"] for entry in variants.values()]
+    close = difflib.get_close_matches(name, known, n=4, cutoff=0.4)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ConversionError(f"Unknown variant {name!r}.{hint} Known variants are listed in {VARIANTS_FILE}.")
+
+
+def read_labels(path: str | Path, num_labels: int) -> dict[int, str]:
+    """id2label from a JSON list, a JSON {id: name} object, or a text file with one name per line."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+        names = data if isinstance(data, list) else [data[key] for key in sorted(data, key=int)]
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != num_labels:
+        raise ConversionError(f"{path} names {len(names)} labels but the checkpoint's classifier has {num_labels}.")
+    return dict(enumerate(names))
+
+
+def checkpoint_num_labels(state_dict: dict[str, torch.Tensor]) -> int:
+    for key in CLASSIFIER_WEIGHT_KEYS:
+        if key in state_dict:
+            return state_dict[key].shape[0]
+    raise ConversionError(f"No classifier weight ({' or '.join(CLASSIFIER_WEIGHT_KEYS)}) in the checkpoint.")
+
+
+def convert_checkpoint(
+    checkpoint: str | Path,
+    *,
+    variant: str | None = None,
+    original_config: str | Path | None = None,
+    labels: str | Path | None = None,
+) -> tuple[XTForImageClassification, XTImageProcessor, MappingReport]:
+    """Load an original checkpoint into an `XTForImageClassification` of the given variant or config."""
+    if (variant is None) == (original_config is None):
+        raise ConversionError("Give exactly one of `variant` and `original_config`.")
+    state_dict = load_original_state_dict(checkpoint)
+    if variant is not None:
+        _, entry = resolve_variant(variant)
+        model_config, overrides = entry["original_config"], {}
+    else:
+        model_config, overrides = read_model_config(original_config)
+
+    num_labels = checkpoint_num_labels(state_dict)
+    if num_labels != model_config["num_classes"]:
+        raise ConversionError(
+            f"The checkpoint's classifier has {num_labels} classes but the config says "
+            f"{model_config['num_classes']}: is this the checkpoint of another variant?"
+        )
+    extra = {"id2label": read_labels(labels, num_labels)} if labels else {}
+    config = xt_config_from_original(model_config, overrides, **extra)
+    model = XTForImageClassification(config)
+
+    backbone_type = config.backbone_config.model_type
+    context = MappingContext(hiera_depths=tuple(config.backbone_config.depths) if backbone_type == "hiera" else ())
+    mapped, unmatched, duplicated = map_state_dict(state_dict, rules_for(backbone_type, config.classifier), context)
+    report = check_against_model(
+        mapped, model.state_dict(), MappingReport(unmatched_original=unmatched, duplicated=duplicated)
+    )
+    if not report.ok:
+        raise ConversionError(f"The checkpoint does not fit this variant:\n{report.describe()}")
+    model.load_state_dict(mapped, strict=True)
+    return model.eval(), XTImageProcessor(region_size=config.region_size), report
+
+
+def verify(model: XTForImageClassification, io_file: str | Path) -> dict[str, float]:
+    """Max |Δ| between the converted model and the original's recorded outputs on the same input."""
+    from safetensors.torch import load_file
+
+    reference = load_file(str(io_file))
+    with torch.inference_mode():
+        outputs = model.xt(reference["pixel_values"], output_region_features=True)
+        differences = {"logits": (model.classifier(outputs.pooler_output) - reference["logits"]).abs().max().item()}
+        if "region_features" in reference:
+            features = outputs.region_feature_maps[-1]
+            differences["region_features"] = (features - reference["region_features"]).abs().max().item()
+    return differences
+
+
+def write_repo(model, processor, output: Path, model_card: str, overwrite: bool) -> None:
+    """Write the Hub repo files. Never deletes anything; refuses a non-empty folder without `overwrite`."""
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ConversionError(f"{output} is not empty: choose another --output or pass --overwrite "
+                              f"(which replaces only the files this script writes).")
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    (output / "README.md").write_text(model_card)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="original .ckpt (trainer payload or bare state dict)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--variant", help="released variant: original config name or Hub name")
+    source.add_argument("--original-config", help="original YAML config, or JSON with its `model_config`")
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--labels", help="class names: JSON list / {id: name}, or one name per line")
+    parser.add_argument("--verify", help="safetensors with `pixel_values` and the original's `logits`")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the written folder to this Hub repo")
+    arguments = parser.parse_args(argv)
+
+    try:
+        model, processor, report = convert_checkpoint(
+            arguments.checkpoint, variant=arguments.variant, original_config=arguments.original_config,
+            labels=arguments.labels,
+        )
+        print(f"keys: {report.describe()}")
+        differences = verify(model, arguments.verify) if arguments.verify else {}
+        for name, difference in differences.items():
+            print(f"verify: max |Δ| {name} = {difference:.3g}")
+        tolerances = {"logits": LOGITS_TOLERANCE, "region_features": FEATURES_TOLERANCE}
+        failed = [name for name, difference in differences.items() if difference > tolerances[name]]
+        if failed:  # a model that does not reproduce the original is never written
+            print(f"error: {', '.join(failed)} differ from the original beyond tolerance; nothing written",
+                  file=sys.stderr)
+            return 1
+        entry = resolve_variant(arguments.variant)[1] if arguments.variant else None
+        write_repo(model, processor, arguments.output, render_model_card(entry, model.config), arguments.overwrite)
+    except (CheckpointError, ConversionError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {arguments.output}")
+
+    if arguments.push_to_hub:
+        from huggingface_hub import HfApi
+
+        HfApi().create_repo(arguments.push_to_hub, exist_ok=True)
+        HfApi().upload_folder(folder_path=arguments.output, repo_id=arguments.push_to_hub)
+        print(f"pushed to https://huggingface.co/{arguments.push_to_hub}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

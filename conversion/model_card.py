@@ -1,0 +1,117 @@
+"""Model cards for converted xT checkpoints: Hub metadata, the paper's numbers, a runnable demo, the citation."""
+
+from __future__ import annotations
+
+CITATION = """@inproceedings{gupta2024xt,
+  title     = {xT: Nested Tokenization for Larger Context in Large Images},
+  author    = {Gupta, Ritwik and Li, Shufan and Zhu, Tyler and Malik, Jitendra and Darrell, Trevor and Mangalam, Karttikeya},
+  booktitle = {International Conference on Machine Learning (ICML)},
+  year      = {2024}
+}"""
+
+# The demo runs as written against any converted repo; tests substitute REPO_ID with a tiny local model.
+DEMO = '''import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+repo = "{repo_id}"
+model = AutoModelForImageClassification.from_pretrained(repo, trust_remote_code=True).eval()
+processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
+
+# Any image of at least one region per side; here a random {image_size} x {image_size} one.
+image = Image.fromarray(np.random.default_rng(0).integers(0, 255, ({image_size}, {image_size}, 3), dtype=np.uint8))
+inputs = processor(image, return_tensors="pt")
+with torch.inference_mode():
+    logits = model(**inputs).logits
+label = logits.argmax(-1).item()
+print(model.config.id2label[label], logits.softmax(-1)[0, label].item())'''
+
+
+def _describe(config) -> str:
+    backbone = config.backbone_config
+    if config.context_encoder == "none":
+        context = "none (global average pooling head, the paper's non-xT baseline)"
+    elif config.context_encoder == "mamba":
+        context = f"Mamba, {config.context_num_layers} layers of width {config.context_hidden_size}"
+    else:
+        kind = "causal" if config.context_attention_causal else "bidirectional"
+        context = (f"{config.context_num_layers} Llama-style {kind} attention layers of width "
+                   f"{config.context_hidden_size} ({config.context_num_heads} heads)")
+    return (f"- Region encoder: {type(backbone).__name__.removesuffix('Config')} "
+            f"(`{backbone.model_type}`), regions of {config.region_size} × {config.region_size} px\n"
+            f"- Context encoder: {context}\n"
+            f"- Head: {'CLS token through the context encoder' if config.classifier == 'context' else 'pooled MLP'}, "
+            f"{config.num_labels} classes")
+
+
+def render_model_card(entry: dict | None, config, repo_id: str | None = None) -> str:
+    """A Hub model card for a registry `entry` of `conversion/variants.json` (or `None` for a custom config)."""
+    name = entry["hub_name"] if entry else "xT"
+    repo_id = repo_id or f"your-username/xt-{name}"
+    image_size = entry["image_size"] if entry else 2 * config.region_size
+    results = (entry or {}).get("paper_results") or {}
+    if results.get("top1") is not None:
+        result_text = (f"Top-1 accuracy **{results['top1']}%** on {results.get('dataset', 'iNaturalist 2018')} "
+                       f"at {image_size} × {image_size} px (source: {results.get('source', 'the xT README')}).")
+    else:
+        result_text = "The authors report no accuracy for this variant."
+    if entry and not entry.get("released_weights", False):
+        weights_text = ("**No released weights**: this card describes the architecture only; converting needs "
+                        "a checkpoint you trained yourself.")
+    elif entry:
+        weights_text = (f"Converted from `{entry.get('checkpoint_path')}` in the Hub repo "
+                        f"`{entry.get('hub_repo', 'bair-climate-initiative/xt')}` with "
+                        "`conversion/convert_original_checkpoint.py`, which checks every key and shape.")
+    else:
+        weights_text = "Converted with `conversion/convert_original_checkpoint.py` of xt-hf."
+    notes = "\n".join(f"- {note}" for note in (entry or {}).get("notes", []) if isinstance(note, str))
+    return f"""---
+library_name: transformers
+pipeline_tag: image-classification
+license: mit
+tags:
+- xt
+- large-images
+- nested-tokenization
+- custom_code
+datasets:
+- inaturalist-2018
+metrics:
+- accuracy
+---
+
+# xT {name}
+
+[xT](https://arxiv.org/abs/2403.01915) ("xT: Nested Tokenization for Larger Context in Large Images",
+ICML 2024) models images too large for one pass of a vision backbone: it cuts them into regions,
+encodes each region independently, stitches the region features into one token grid and runs a
+long-sequence context encoder over the whole image.
+
+{_describe(config)}
+- Trained input size: {image_size} × {image_size} px (any size of at least one region works)
+
+## Results
+
+{result_text}
+
+## Weights
+
+{weights_text}
+
+## Use
+
+```python
+{DEMO.format(repo_id=repo_id, image_size=image_size)}
+```
+
+The image processor rescales, normalises with ImageNet statistics (as the original) and pads the
+bottom and right to whole regions. Pass `region_batch_size` to `from_pretrained` to bound memory on
+very large images.
+{"" if not notes else chr(10) + "## Notes" + chr(10) + chr(10) + notes + chr(10)}
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
