@@ -8,6 +8,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_xt import XTConfig
+from .hyper_attention import hyper_attention
 
 
 class XTRMSNorm(nn.Module):
@@ -43,7 +44,11 @@ def eager_attention(
 
 
 class XTSelfAttention(nn.Module):
-    """Multi-head self-attention with a fused, biased qkv projection (released key names `qkv`, `proj`)."""
+    """Multi-head self-attention with a fused, biased qkv projection (released key names `qkv`, `proj`).
+
+    Sequences longer than `config.hyper_min_seq_len` use HyperAttention when
+    `config.context_long_sequence_attention == "hyper"`, as the released "hyper" layers do.
+    """
 
     def __init__(self, config: XTConfig):
         super().__init__()
@@ -62,7 +67,14 @@ class XTSelfAttention(nn.Module):
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         implementation = self.config._attn_implementation or "sdpa"
-        if implementation == "eager":
+        if self.config.context_long_sequence_attention == "hyper" and length > self.config.hyper_min_seq_len:
+            output = hyper_attention(
+                query, key, value, scale=self.scale, causal=self.is_causal,
+                lsh_num_projs=self.config.hyper_lsh_num_projs, block_size=self.config.hyper_block_size,
+                sample_size=self.config.hyper_sample_size, min_seq_len=self.config.hyper_min_seq_len,
+            ).transpose(1, 2)
+            weights = None
+        elif implementation == "eager":
             output, weights = eager_attention(query, key, value, scale=self.scale, causal=self.is_causal)
         else:
             output, weights = ALL_ATTENTION_FUNCTIONS[implementation](

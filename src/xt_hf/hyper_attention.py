@@ -1,0 +1,311 @@
+"""HyperAttention (Han et al. 2023, arXiv 2310.05869): approximate softmax attention for long sequences.
+
+The released "hyper" xT layers call HyperAttention with `min_seq_len=4096`, so every released
+configuration (at most 257 tokens) runs exact attention; the approximation only matters for the very
+long token sequences xT is meant to reach. This is a plain-PyTorch re-implementation (no Triton, no
+flash-attn): every piece is a batched matmul whose size is bounded by `block_size`, `sample_size` or
+`min_seq_len`, so memory grows as O(L · block_size) instead of O(L²).
+
+Non-causal attention of queries Q against keys K (`_hyper_attention_with_lse`):
+
+1. *Angular LSH*: queries and keys are hashed by the signs of `lsh_num_projs` random projections into
+   `2**lsh_num_projs` buckets, numbered along the reflected Gray code so that neighbouring bucket numbers
+   differ by one sign (one hyperplane).
+2. *Sorted block diagonal*: Q and K are sorted by bucket and cut into as many blocks as K has
+   `block_size`-blocks; query block i attends exactly to key block i. Large scores live there, since a
+   query and a key with a large angle-wise similarity tend to share buckets.
+3. *Sampled residual*: every query also attends to `sample_size` keys drawn uniformly (with
+   replacement), skipping those of its own block, with weight `n_keys / sample_size`: an unbiased
+   estimate of the rest of the softmax sum.
+4. The two partial attentions are merged through their log-sum-exps.
+
+Causal attention (`_causal_attention_with_lse`) splits the sequence in halves: the two diagonal halves
+are causal problems of half the length (solved recursively, exactly once they are at most
+`min_seq_len` long), and the second half's queries attend to the whole first half through one
+non-causal block, approximated only once that block has at least `min_seq_len` queries (the original's
+rule: between `min_seq_len` and `2 · min_seq_len` tokens, causal attention is still exact, computed in
+pieces). Each halving level costs O(L · (block_size + sample_size)) and the exact leaves O(L · min_seq_len),
+so time grows as O(L · min_seq_len + L · (block_size + sample_size) · log2(L / min_seq_len)).
+
+Differences from the original implementation (`xt/models/context_encoders/hyper_attn/`):
+
+* Randomness comes from a `torch.Generator`, by default a new CPU generator seeded with
+  `HYPER_ATTENTION_SEED` on every call, so outputs are reproducible, identical across calls, layers and
+  devices (up to matmul rounding), and gradient checkpointing recomputes the same approximation. The
+  original draws the projections once per module with the global RNG (not saved with the weights) and
+  resamples the residual's keys with `torch.randint` on every forward.
+* Buckets are ranked along the Gray code (the inverse Gray code of the sign pattern). The original
+  sorts by the Gray code *of* the sign pattern, whose neighbours differ in up to 4 signs (1.31 on
+  average for 7 projections) instead of exactly one.
+* Padding keys (when the length is not a multiple of `block_size`) are masked out; the original pads the
+  sorted keys with zeros that take part in the last block's softmax with score 0.
+* Every piece (exact leaves, sorted blocks, sampled residual) and its log-sum-exp comes from a plain
+  PyTorch softmax in float32, with gradients through the log-sum-exp (the original's Triton path
+  detaches it). Without gradients on CPU, PyTorch's own fused flash-attention kernel computes the same
+  pieces instead, 2-5× faster.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+HYPER_ATTENTION_SEED = 0
+
+
+class AngularLSH:
+    """Sign-of-random-projection hash of `(..., L, head_dim)` vectors into Gray-code-ranked buckets.
+
+    The `(head_dim, num_projs)` projection is drawn from `generator` (on the generator's device) at
+    construction. A bucket number is the rank of the sign pattern in the reflected Gray code sequence,
+    so buckets with consecutive numbers lie on opposite sides of a single hyperplane.
+    """
+
+    def __init__(self, num_projs: int, head_dim: int, *, generator: torch.Generator):
+        if num_projs < 0:
+            raise ValueError(f"`num_projs` must be ≥ 0, got {num_projs}.")
+        self.num_projs = num_projs
+        self.projections = torch.randn(head_dim, num_projs, generator=generator, device=generator.device)
+        ranks = torch.arange(2**num_projs)
+        self.bucket_of_pattern = torch.empty_like(ranks)
+        self.bucket_of_pattern[ranks ^ (ranks >> 1)] = ranks
+        self.bit_values = 2 ** torch.arange(num_projs)
+
+    def hash(self, vectors: torch.Tensor) -> torch.Tensor:
+        """`(..., L, head_dim)` → bucket numbers `(..., L)` in `[0, 2**num_projs)`, int64."""
+        device = vectors.device
+        signs = vectors @ self.projections.to(device, vectors.dtype) > 0
+        patterns = (signs.long() * self.bit_values.to(device)).sum(-1)
+        return self.bucket_of_pattern.to(device)[patterns]
+
+    def __repr__(self) -> str:
+        return f"AngularLSH(num_projs={self.num_projs}, head_dim={self.projections.shape[0]})"
+
+
+def hyper_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scale: float | None,
+    causal: bool,
+    lsh_num_projs: int = 7,
+    block_size: int = 256,
+    sample_size: int = 256,
+    min_seq_len: int = 4096,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Softmax attention on `(batch, heads, L, head_dim)`, approximated by HyperAttention when `L > min_seq_len`.
+
+    Returns `(batch, heads, L, head_dim_v)` in the query's dtype; `scale=None` means `head_dim ** -0.5`.
+    Up to `min_seq_len` tokens this is `torch.nn.functional.scaled_dot_product_attention`, unchanged. Above
+    it, LSH-sorted block-diagonal attention plus a uniformly sampled residual (see the module docstring),
+    with memory O(L · block_size). `generator` drives the projections and the sampling; `None` means a fresh
+    CPU generator seeded with `HYPER_ATTENTION_SEED`, so repeated calls give identical outputs.
+    """
+    if query.dim() != 4 or key.shape != query.shape or value.dim() != 4 or value.shape[:3] != key.shape[:3]:
+        raise ValueError(
+            "hyper_attention expects query and key of the same shape (batch, heads, L, head_dim) and a value of "
+            f"shape (batch, heads, L, head_dim_v); got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}."
+        )
+    if min_seq_len < 1 or block_size < 1 or sample_size < 0 or lsh_num_projs < 0:
+        raise ValueError(
+            f"hyper_attention needs min_seq_len ≥ 1, block_size ≥ 1, sample_size ≥ 0 and lsh_num_projs ≥ 0; "
+            f"got {min_seq_len}, {block_size}, {sample_size}, {lsh_num_projs}."
+        )
+    if query.shape[2] <= min_seq_len:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scale)
+
+    if generator is None:
+        generator = torch.Generator().manual_seed(HYPER_ATTENTION_SEED)
+    approximation = _Approximation(
+        lsh=AngularLSH(lsh_num_projs, query.shape[-1], generator=generator),
+        generator=generator,
+        scale=query.shape[-1] ** -0.5 if scale is None else scale,
+        block_size=block_size,
+        sample_size=sample_size,
+        min_seq_len=min_seq_len,
+    )
+    if causal:
+        output, _ = _causal_attention_with_lse(query, key, value, approximation)
+    else:
+        output, _ = _hyper_attention_with_lse(query, key, value, approximation)
+    return output.to(query.dtype)
+
+
+@dataclass(frozen=True)
+class _Approximation:
+    """The settings and random state shared by every piece of one `hyper_attention` call."""
+
+    lsh: AngularLSH
+    generator: torch.Generator
+    scale: float
+    block_size: int
+    sample_size: int
+    min_seq_len: int
+
+
+def _causal_attention_with_lse(query, key, value, approx: _Approximation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention `(b, h, L, d)` → float32 output `(b, h, L, d_v)` and log-sum-exp `(b, h, L)`."""
+    length = query.shape[2]
+    if length <= approx.min_seq_len:
+        return _attention_with_lse(query, key, value, scale=approx.scale, causal=True, query_chunk=approx.block_size)
+    if length % 2:
+        # A zero row appended at the end is only ever seen, causally, by its own (discarded) query.
+        query, key, value = (F.pad(tensor, (0, 0, 0, 1)) for tensor in (query, key, value))
+    half = query.shape[2] // 2
+
+    # b h (two n) d -> b (h two) n d: the two diagonal halves become independent heads.
+    def split(tensor):
+        b, h, _, d = tensor.shape
+        return tensor.reshape(b, h * 2, half, d)
+
+    diagonal_output, diagonal_lse = _causal_attention_with_lse(split(query), split(key), split(value), approx)
+    batch, heads = query.shape[:2]
+    diagonal_output = diagonal_output.reshape(batch, heads, 2 * half, -1)
+    diagonal_lse = diagonal_lse.reshape(batch, heads, 2 * half)
+
+    # Every query of the second half sees every key of the first half: one non-causal block.
+    past = (query[:, :, half:], key[:, :, :half], value[:, :, :half])
+    if half >= approx.min_seq_len:
+        past_output, past_lse = _hyper_attention_with_lse(*past, approx)
+    else:
+        past_output, past_lse = _attention_with_lse(*past, scale=approx.scale, query_chunk=approx.block_size)
+    lower_output, lower_lse = _merge(diagonal_output[:, :, half:], diagonal_lse[:, :, half:], past_output, past_lse)
+    output = torch.cat((diagonal_output[:, :, :half], lower_output), dim=2)
+    lse = torch.cat((diagonal_lse[:, :, :half], lower_lse), dim=2)
+    return output[:, :, :length], lse[:, :, :length]
+
+
+def _hyper_attention_with_lse(query, key, value, approx: _Approximation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal HyperAttention `(b, h, n_q, d)` × `(b, h, n_k, d)` → float32 output and log-sum-exp."""
+    num_queries, num_keys = query.shape[2], key.shape[2]
+    query_order = approx.lsh.hash(query).argsort(dim=-1, stable=True)
+    key_order = approx.lsh.hash(key).argsort(dim=-1, stable=True)
+    query, key, value = _take(query, query_order), _take(key, key_order), _take(value, key_order)
+
+    num_blocks = math.ceil(num_keys / approx.block_size)
+    query_block = math.ceil(num_queries / num_blocks)
+    output, lse = _block_diagonal_attention(query, key, value, num_blocks, query_block, approx)
+    if num_blocks > 1 and approx.sample_size > 0:
+        residual_output, residual_lse = _sampled_residual_attention(query, key, value, query_block, approx)
+        output, lse = _merge(output, lse, residual_output, residual_lse)
+
+    inverse = torch.empty_like(query_order).scatter_(
+        -1, query_order, torch.arange(num_queries, device=query_order.device).expand_as(query_order)
+    )
+    return _take(output, inverse), lse.gather(-1, inverse)
+
+
+def _block_diagonal_attention(query, key, value, num_blocks, query_block, approx: _Approximation):
+    """Query block i attends to key block i of the bucket-sorted sequences; padded keys are masked out."""
+    batch, heads, num_queries, _ = query.shape
+    num_keys, block = key.shape[2], approx.block_size
+
+    # b h (blocks n) d -> b (h blocks) n d: each pair of blocks is one small attention problem.
+    def blocks(tensor, size):
+        return _pad_rows(tensor, num_blocks * size).reshape(batch, heads * num_blocks, size, tensor.shape[-1])
+
+    hidden = None
+    if num_keys % block:
+        padding = torch.arange(num_blocks * block, device=query.device).view(1, num_blocks, 1, block) >= num_keys
+        hidden = padding.expand(heads, -1, -1, -1).reshape(1, heads * num_blocks, 1, block)
+    output, lse = _attention_with_lse(
+        blocks(query, query_block), blocks(key, block), blocks(value, block), scale=approx.scale, hidden=hidden
+    )
+    output = output.reshape(batch, heads, num_blocks * query_block, -1)[:, :, :num_queries]
+    return output, lse.reshape(batch, heads, num_blocks * query_block)[:, :, :num_queries]
+
+
+def _sampled_residual_attention(query, key, value, query_block, approx: _Approximation):
+    """Attention to `sample_size` uniformly drawn keys outside the query's block, reweighted to the rest.
+
+    Each draw is uniform over all `n_k` keys and counts only when it falls outside the query's block,
+    so `n_k / sample_size · Σ_draws exp(score)` is an unbiased estimate of the off-block softmax sum.
+    """
+    batch, heads, num_queries, _ = query.shape
+    num_keys = key.shape[2]
+    generator = approx.generator
+    drawn = torch.randint(num_keys, (batch, heads, approx.sample_size), generator=generator, device=generator.device)
+    drawn = drawn.to(query.device)
+    query_blocks = torch.arange(num_queries, device=query.device) // query_block
+    same_block = query_blocks.view(1, 1, -1, 1) == (drawn // approx.block_size).unsqueeze(2)
+    output, lse = _attention_with_lse(query, _take(key, drawn), _take(value, drawn), scale=approx.scale,
+                                      hidden=same_block)
+    return output, lse + math.log(num_keys / approx.sample_size)
+
+
+def _fused_cpu_attention_with_lse():
+    """PyTorch's CPU flash-attention kernel, which returns the log-sum-exp too; `None` where it is missing."""
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_FUSED_CPU_ATTENTION_WITH_LSE = _fused_cpu_attention_with_lse()
+
+
+def _attention_with_lse(query, key, value, *, scale: float, causal: bool = False, hidden=None, query_chunk=None):
+    """Exact softmax attention `(b, h, n_q, d)` × `(b, h, n_k, d)` → float32 output and log-sum-exp `(b, h, n_q)`.
+
+    `hidden` (bool, broadcastable to `(b, h, n_q, n_k)`) removes keys from a query's softmax; a query
+    with every key hidden gets a log-sum-exp near `finfo.min`, so that merging ignores it. With `causal`,
+    query i sees keys 0..i. The plain path takes `query_chunk` queries at a time to bound the score matrix.
+    On CPU without gradients, PyTorch's fused flash-attention kernel computes the same thing 2-5× faster;
+    it is not used under autograd because its log-sum-exp has no gradient, and merging pieces needs one.
+    """
+    needs_gradient = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if _FUSED_CPU_ATTENTION_WITH_LSE is not None and query.device.type == "cpu" and not needs_gradient:
+        bias = None
+        if hidden is not None:
+            bias = torch.zeros(hidden.shape, dtype=query.dtype, device=query.device)
+            bias.masked_fill_(hidden, torch.finfo(query.dtype).min)
+        output, lse = _FUSED_CPU_ATTENTION_WITH_LSE(query, key, value, 0.0, causal, attn_mask=bias, scale=scale)
+        return output.float(), lse.float()
+
+    outputs, lses = [], []
+    num_queries, num_keys = query.shape[2], key.shape[2]
+    query_chunk = query_chunk or num_queries
+    for start in range(0, num_queries, query_chunk):
+        stop = min(start + query_chunk, num_queries)
+        visible = stop if causal else num_keys
+        scores = (query[:, :, start:stop] @ key[:, :, :visible].transpose(-1, -2)).float() * scale
+        if causal:
+            positions = torch.arange(visible, device=scores.device)
+            scores = scores.masked_fill(positions[start:stop, None] < positions, torch.finfo(scores.dtype).min)
+        if hidden is not None:
+            rows = hidden if hidden.shape[-2] == 1 else hidden[..., start:stop, :]
+            scores = scores.masked_fill(rows[..., :visible], torch.finfo(scores.dtype).min)
+        output, lse = _softmax_attend(scores, value[:, :, :visible])
+        outputs.append(output)
+        lses.append(lse)
+    return torch.cat(outputs, dim=2), torch.cat(lses, dim=2)
+
+
+def _softmax_attend(scores: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 scores `(..., n, m)` and values `(..., m, d_v)` → float32 output `(..., n, d_v)`, lse `(..., n)`."""
+    probabilities = scores.softmax(dim=-1).to(value.dtype)
+    return (probabilities @ value).float(), scores.logsumexp(dim=-1)
+
+
+def _merge(output_a, lse_a, output_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over the union of two disjoint key sets, from each set's output and log-sum-exp."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    return output_a * (lse_a - lse).exp().unsqueeze(-1) + output_b * (lse_b - lse).exp().unsqueeze(-1), lse
+
+
+def _take(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """`tensor[b, h, indices[b, h, s], :]` for `(b, h, n, d)` and `(b, h, s)` → `(b, h, s, d)`."""
+    return tensor.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, tensor.shape[-1]))
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero-pad `(b, h, n, d)` to `rows` rows."""
+    return F.pad(tensor, (0, 0, 0, rows - tensor.shape[2])) if rows > tensor.shape[2] else tensor
+
+
+__all__ = ["AngularLSH", "HYPER_ATTENTION_SEED", "hyper_attention"]
