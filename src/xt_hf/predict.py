@@ -1,0 +1,80 @@
+"""`xt-hf predict IMAGE --model PATH_OR_HUB_ID`: classify a large image read region by region."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("predict", help="classify a large image, streaming its regions from disk")
+    parser.add_argument("image", help="TIFF/BigTIFF, .npy, zarr, whole-slide image, PNG/JPEG")
+    parser.add_argument("--model", required=True, help="local folder or Hub id of an xT classifier")
+    parser.add_argument("--region-batch-size", type=int, default=16)
+    parser.add_argument("--num-workers", type=int, default=0, help="background processes reading regions")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.set_defaults(run=run)
+
+
+def run(arguments: argparse.Namespace) -> None:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from .region_sources import open_region_source
+    from .streaming import predict_streaming
+
+    try:
+        model = AutoModelForImageClassification.from_pretrained(arguments.model, trust_remote_code=True)
+    except (OSError, ValueError) as error:
+        print(f"error: cannot load the model {arguments.model!r}: {error}", file=sys.stderr)
+        sys.exit(2)
+    model = model.to(arguments.device, getattr(torch, arguments.dtype)).eval()
+    try:
+        processor = AutoImageProcessor.from_pretrained(arguments.model, trust_remote_code=True)
+    except (OSError, ValueError):
+        processor = None  # no preprocessor_config.json: ImageNet statistics, as the original
+    try:
+        source = open_region_source(arguments.image, model.config.region_size)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+    device = torch.device(arguments.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    logits = predict_streaming(model, source, processor=processor, region_batch_size=arguments.region_batch_size,
+                               num_workers=arguments.num_workers, progress=not arguments.json)
+    seconds = time.perf_counter() - start
+    probabilities = logits.float().softmax(-1)[0]
+    top = probabilities.topk(min(arguments.top_k, probabilities.numel()))
+    region = model.config.region_size
+    regions = -(-source.height // region) * -(-source.width // region)
+    peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    result = {
+        "image": str(arguments.image),
+        "size": [source.height, source.width],
+        "regions": regions,
+        "predictions": [{"label": model.config.id2label[int(i)], "score": float(p)}
+                        for p, i in zip(top.values, top.indices)],
+        "seconds": seconds,
+        "regions_per_second": regions / seconds,
+        "peak_memory_mb": peak_mb,
+        "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
+    }
+    if arguments.json:
+        print(json.dumps(result))
+        return
+    print(f"{arguments.image}: {source.width}×{source.height} px, {regions} regions of {region} px")
+    for prediction in result["predictions"]:
+        print(f"  {prediction['score']:.4f}  {prediction['label']}")
+    print(f"{seconds:.2f} s, {result['regions_per_second']:.1f} regions/s, peak memory {peak_mb:.0f} MB "
+          f"({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")

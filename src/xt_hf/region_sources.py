@@ -1,0 +1,191 @@
+"""Lazy large-image sources and a region reader that never holds the full-resolution image in memory.
+
+A source only has to say its size and read a window: `read(top, left, height, width) -> (h, w, C)`.
+The reader turns region numbers into normalised `(C, R, R)` float32 regions, exactly as
+`XTImageProcessor` followed by the model's own zero padding would, so that streamed and in-memory
+forwards agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".mrxs", ".vms", ".bif")
+NUMPY_SUFFIXES = (".npy",)
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class RegionSource(Protocol):
+    height: int
+    width: int
+    channels: int
+
+    def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """Pixels `[top:top+height, left:left+width]` as `(h, w, channels)`; clipped at the image border."""
+
+
+@dataclass
+class ArraySource:
+    """Any `(H, W, C)` or `(H, W)` array-like that slices lazily: numpy, `np.memmap`, zarr, tifffile's zarr view."""
+
+    array: object
+
+    def __post_init__(self):
+        shape = tuple(self.array.shape)
+        if len(shape) not in (2, 3):
+            raise ValueError(f"An image array must be (height, width) or (height, width, channels), got {shape}.")
+        self.height, self.width = shape[:2]
+        self.channels = shape[2] if len(shape) == 3 else 1
+
+    def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        window = np.asarray(self.array[top : top + height, left : left + width])
+        return window[..., None] if window.ndim == 2 else window
+
+
+class SlideSource:
+    """Level 0 of a whole-slide image through tiffslide (or openslide), read tile window by window."""
+
+    def __init__(self, path: Path):
+        try:
+            import tiffslide as slide_library
+        except ImportError:
+            try:
+                import openslide as slide_library
+            except ImportError as error:
+                raise ValueError(
+                    f"{path.name} is a whole-slide image: install tiffslide (pip install xt-hf[wsi]) or openslide-python."
+                ) from error
+        self.slide = slide_library.open_slide(str(path)) if hasattr(slide_library, "open_slide") else slide_library.OpenSlide(str(path))
+        self.width, self.height = self.slide.dimensions
+        self.channels = 3
+
+    def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        height, width = min(height, self.height - top), min(width, self.width - left)
+        region = self.slide.read_region((left, top), 0, (width, height))
+        return np.asarray(region)[..., :3]
+
+
+def _tiff_source(path: Path) -> ArraySource:
+    """Level 0 of a (Big)TIFF as a zarr view: a window read decodes only the tiles (or strips) it touches."""
+    import tifffile
+    import zarr
+
+    series = tifffile.TiffFile(path).series[0]
+    array = zarr.open(series.levels[0].aszarr(), mode="r")
+    axes = series.levels[0].axes
+    if axes.startswith(("C", "S")) and len(axes) == 3:  # planar (C, H, W): read lazily, then move channels last
+        return ArraySource(_ChannelsFirst(array))
+    return ArraySource(array)
+
+
+@dataclass
+class _ChannelsFirst:
+    """A `(C, H, W)` lazily sliced array seen as `(H, W, C)`."""
+
+    array: object
+
+    @property
+    def shape(self):
+        channels, height, width = self.array.shape
+        return height, width, channels
+
+    def __getitem__(self, key):
+        rows, cols = key
+        return np.moveaxis(np.asarray(self.array[:, rows, cols]), 0, -1)
+
+
+def open_region_source(image, region_size: int | None = None) -> RegionSource:
+    """A source for an array, a zarr array, or a path (.npy, TIFF/BigTIFF, zarr directory, slide, PNG/JPEG).
+
+    Raises `ValueError` naming the problem: missing or unreadable file, unsupported format, an image
+    smaller than one region (when `region_size` is given).
+    """
+    if isinstance(image, (str, Path)):
+        source = _open_path(Path(image))
+    elif isinstance(image, torch.Tensor):
+        raise ValueError("Pass torch tensors to the model directly; sources are for arrays and files.")
+    elif hasattr(image, "shape") and hasattr(image, "__getitem__"):
+        source = ArraySource(image)
+    else:
+        raise ValueError(f"Cannot read an image from a {type(image).__name__}.")
+    if region_size is not None and (source.height < region_size or source.width < region_size):
+        raise ValueError(
+            f"The image is {source.height}×{source.width} px, smaller than one region ({region_size}×{region_size} px)."
+        )
+    return source
+
+
+def _open_path(path: Path) -> RegionSource:
+    if not path.exists():
+        raise ValueError(f"{path} does not exist.")
+    suffix = path.suffix.lower()
+    try:
+        if path.is_dir() or suffix == ".zarr":
+            import zarr
+
+            return ArraySource(zarr.open(str(path), mode="r"))
+        if suffix in NUMPY_SUFFIXES:
+            return ArraySource(np.load(path, mmap_mode="r"))
+        if suffix in TIFF_SUFFIXES:
+            return _tiff_source(path)
+        if suffix in SLIDE_SUFFIXES:
+            return SlideSource(path)
+        if suffix in PIL_SUFFIXES:
+            from PIL import Image
+
+            with Image.open(path) as opened:
+                return ArraySource(np.asarray(opened.convert("RGB")))
+    except ValueError:
+        raise
+    except Exception as error:  # every reader has its own exception types for broken files
+        raise ValueError(f"Cannot read {path}: {type(error).__name__}: {error}") from error
+    supported = TIFF_SUFFIXES + SLIDE_SUFFIXES + NUMPY_SUFFIXES + PIL_SUFFIXES + (".zarr",)
+    raise ValueError(f"Unsupported image format {suffix or path.name!r}; supported: {', '.join(supported)}.")
+
+
+class RegionReader(Dataset):
+    """Region number (row-major over the grid) → normalised `(C, R, R)` float32 region and its (row, col).
+
+    Pixels are rescaled by `rescale_factor`, normalised with `mean`/`std`, and the part of a region
+    beyond the image border is 0 after normalisation: what `XTImageProcessor` plus the model's padding
+    produce. Reading happens per region, so a `DataLoader` with workers prefetches while the model runs.
+    """
+
+    def __init__(self, source: RegionSource, region_size: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 rescale_factor: float = 1 / 255):
+        self.source, self.region_size = source, region_size
+        self.rows, self.cols = -(-source.height // region_size), -(-source.width // region_size)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+        self.rescale_factor = rescale_factor
+        if len(self.mean) != source.channels:
+            raise ValueError(f"The image has {source.channels} channels but {len(self.mean)} normalisation means.")
+
+    def __len__(self) -> int:
+        return self.rows * self.cols
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        row, col = divmod(index, self.cols)
+        size = self.region_size
+        pixels = self.source.read(row * size, col * size, size, size)
+        pixels = np.moveaxis(pixels, -1, 0).astype(np.float32) * self.rescale_factor
+        pixels = (pixels - self.mean) / self.std
+        region = np.zeros((self.source.channels, size, size), dtype=np.float32)
+        region[:, : pixels.shape[1], : pixels.shape[2]] = pixels
+        if not np.isfinite(region).all():
+            raise ValueError(f"Region (row {row}, column {col}) contains NaN or infinite values.")
+        return torch.from_numpy(region), row, col
+
+    def batches(self, batch_size: int, num_workers: int = 0) -> DataLoader:
+        """Regions in order, `batch_size` at a time, read ahead by `num_workers` background processes."""
+        return DataLoader(self, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                          prefetch_factor=2 if num_workers else None)

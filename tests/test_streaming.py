@@ -1,0 +1,112 @@
+"""Streaming large images from disk gives the in-memory numbers, and `xt-hf predict` reports clearly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REGION, tiny_config
+
+from xt_hf import XTForImageClassification, XTImageProcessor
+from xt_hf.region_sources import RegionReader, open_region_source
+from xt_hf.streaming import encode_regions_streaming, predict_streaming
+
+HEIGHT, WIDTH = 3 * REGION + 5, 2 * REGION + 17  # non-square, not a multiple of the region
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.random.default_rng(0).integers(0, 255, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return XTForImageClassification(tiny_config(id2label={i: f"class {i}" for i in range(5)})).eval()
+
+
+def in_memory_logits(model, image):
+    inputs = XTImageProcessor(region_size=REGION)(image, return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def write_sources(image, folder):
+    """The same pixels as a .npy memmap, a tiled BigTIFF and a zarr array."""
+    tifffile = pytest.importorskip("tifffile")
+    np.save(folder / "image.npy", image)
+    tifffile.imwrite(folder / "image.tif", image, tile=(32, 32), bigtiff=True)
+    sources = {"array": image, "npy": folder / "image.npy", "tiff": folder / "image.tif"}
+    try:
+        import zarr
+    except ImportError:
+        return sources
+    array = zarr.open(str(folder / "image.zarr"), mode="w", shape=image.shape, chunks=(40, 40, 3), dtype=image.dtype)
+    array[:] = image
+    sources["zarr"] = folder / "image.zarr"
+    return sources
+
+
+def test_reader_normalises_like_the_image_processor(image):
+    reader = RegionReader(open_region_source(image), REGION)
+    processed = XTImageProcessor(region_size=REGION)(image, return_tensors="pt")["pixel_values"][0]
+    assert len(reader) == 4 * 3
+    for index in (0, 5, len(reader) - 1):  # an inner region and the padded bottom-right corner
+        region, row, col = reader[index]
+        expected = processed[:, row * REGION : (row + 1) * REGION, col * REGION : (col + 1) * REGION]
+        torch.testing.assert_close(region, expected, rtol=0, atol=1e-6)
+
+
+def test_streaming_equals_the_in_memory_forward_for_every_source(image, model, tmp_path):
+    expected = in_memory_logits(model, image)
+    for name, source in write_sources(image, tmp_path).items():
+        logits = predict_streaming(model, source, region_batch_size=5)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_prefetching_workers_give_the_same_features(image, model):
+    plain = encode_regions_streaming(model, image, region_batch_size=4)
+    prefetched = encode_regions_streaming(model, image, region_batch_size=4, num_workers=1)
+    for a, b in zip(plain, prefetched):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sources_reject_bad_input_clearly(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        open_region_source(tmp_path / "missing.tif")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="Unsupported image format '.txt'"):
+        open_region_source(tmp_path / "notes.txt")
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00garbage")
+    with pytest.raises(ValueError, match="Cannot read .*broken.tif"):
+        open_region_source(tmp_path / "broken.tif")
+    with pytest.raises(ValueError, match="smaller than one region"):
+        open_region_source(np.zeros((REGION - 1, 100, 3), np.uint8), REGION)
+
+
+def test_predict_command(image, model, tmp_path):
+    model.save_pretrained(tmp_path / "model")
+    XTImageProcessor(region_size=REGION).save_pretrained(tmp_path / "model")
+    np.save(tmp_path / "image.npy", image)
+    command = [sys.executable, "-m", "xt_hf.cli", "predict", str(tmp_path / "image.npy"), "--model",
+               str(tmp_path / "model"), "--top-k", "3", "--region-batch-size", "4"]
+    result = subprocess.run(command + ["--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = in_memory_logits(model, image).softmax(-1)[0]
+    assert report["predictions"][0]["label"] == f"class {int(expected.argmax())}"
+    assert abs(report["predictions"][0]["score"] - float(expected.max())) < 1e-5
+    assert report["regions"] == 12 and report["regions_per_second"] > 0 and report["peak_memory_mb"] > 0
+
+    text = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert text.returncode == 0 and "regions/s" in text.stdout and "peak memory" in text.stdout
+
+    tiny = tmp_path / "tiny.npy"
+    np.save(tiny, image[:10])
+    for path, message in ((tmp_path / "nope.tif", "does not exist"), (tiny, "smaller than one region")):
+        failed = subprocess.run(command[:4] + [str(path)] + command[5:], capture_output=True, text=True, timeout=300)
+        assert failed.returncode == 2 and message in failed.stderr
