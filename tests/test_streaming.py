@@ -110,3 +110,44 @@ def test_predict_command(image, model, tmp_path):
     for path, message in ((tmp_path / "nope.tif", "does not exist"), (tiny, "smaller than one region")):
         failed = subprocess.run(command[:4] + [str(path)] + command[5:], capture_output=True, text=True, timeout=300)
         assert failed.returncode == 2 and message in failed.stderr
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".tif"])
+def test_whole_scene_segmentation_streams_to_disk_and_equals_in_memory(image, tmp_path, suffix):
+    tifffile = pytest.importorskip("tifffile")
+    from xt_hf import XTForSemanticSegmentation
+    from xt_hf.streaming import segment_streaming
+
+    torch.manual_seed(0)
+    model = XTForSemanticSegmentation(tiny_config(num_labels=3, classifier="pool", context_attention_causal=False)).eval()
+    inputs = XTImageProcessor(region_size=REGION)(image, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**inputs).logits.argmax(dim=1)[0, :HEIGHT, :WIDTH].numpy()
+    output = tmp_path / f"mask{suffix}"
+    assert segment_streaming(model, image, output, region_batch_size=5) == (HEIGHT, WIDTH)
+    if suffix == ".zarr":
+        import zarr
+
+        written = zarr.open(str(output), mode="r")[:]
+    else:
+        written = tifffile.imread(output)
+    assert written.shape == (HEIGHT, WIDTH)
+    np.testing.assert_array_equal(written, expected)
+    with pytest.raises(ValueError, match="exists"):
+        segment_streaming(model, image, output)
+
+
+def test_segment_command(image, tmp_path):
+    from xt_hf import XTForSemanticSegmentation
+
+    model = XTForSemanticSegmentation(tiny_config(num_labels=3, classifier="pool"))
+    model.save_pretrained(tmp_path / "model")
+    XTImageProcessor(region_size=REGION).save_pretrained(tmp_path / "model")
+    np.save(tmp_path / "scene.npy", image)
+    command = [sys.executable, "-m", "xt_hf.cli", "segment", str(tmp_path / "scene.npy"), "--model",
+               str(tmp_path / "model"), "--output", str(tmp_path / "mask.zarr")]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert f"{WIDTH}×{HEIGHT} class map" in first.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "exists" in again.stderr

@@ -310,7 +310,8 @@ class XTForSemanticSegmentation(XTPreTrainedModel):
             return_dict=True,
         )
         rows, cols = region_grid_shape(height, width, self.config.region_size)
-        logits = self.decode(outputs.region_feature_maps, self.context_grid(outputs), rows, cols)
+        context = self.context_grid(outputs.last_hidden_state, outputs.region_feature_maps[-1])
+        logits = self.decode(outputs.region_feature_maps, context, rows, cols)
         stride = self.config.decoder_output_stride
         logits = logits[..., : -(-height // stride), : -(-width // stride)]
 
@@ -322,13 +323,13 @@ class XTForSemanticSegmentation(XTPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def context_grid(self, outputs: XTModelOutput) -> torch.Tensor | None:
-        """The context-encoded tokens put back on the last stage's stitched grid: `(batch, D, H_S, W_S)`."""
+    def context_grid(self, tokens: torch.Tensor, deepest: torch.Tensor) -> torch.Tensor | None:
+        """Context-encoded tokens `(batch, H_S·W_S, D)` put back on the deepest stitched stage's grid:
+        `(batch, D, H_S, W_S)`; `None` without a context encoder."""
         if self.xt.context_encoder is None:
             return None
-        deepest = outputs.region_feature_maps[-1]
         batch, _, grid_height, grid_width = deepest.shape
-        return outputs.last_hidden_state.transpose(1, 2).reshape(batch, -1, grid_height, grid_width)
+        return tokens.transpose(1, 2).reshape(batch, -1, grid_height, grid_width)
 
     def decode_regions(self, stage_features: list[torch.Tensor], context: torch.Tensor | None) -> torch.Tensor:
         """Regions' stage maps (and context) → their logits `(n, num_labels, R/stride, R/stride)`."""

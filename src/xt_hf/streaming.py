@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .nested_tokenization import as_region_grid
@@ -28,30 +29,22 @@ def encode_regions_streaming(
     region_batch_size: int | None = None,
     num_workers: int = 0,
     progress: bool = False,
+    last_stage_only: bool = False,
 ) -> list[torch.Tensor]:
-    """Stitched `(1, C_s, rows·h_s, cols·w_s)` maps of every `out_features` stage for one large image.
+    """Stitched `(1, C_s, rows·h_s, cols·w_s)` maps of every `out_features` stage for one large image
+    (only the deepest with `last_stage_only`: the shallow stages of a whole scene can be far larger).
 
     `image` is anything `open_region_source` reads (array, memmap, zarr, TIFF, slide, path). Regions are
     read `region_batch_size` at a time (background workers with `num_workers > 0`), encoded, and written
     into preallocated grids; nothing else of the image stays in memory.
     """
     xt = model.base_model
-    source = image if hasattr(image, "read") else open_region_source(image, model.config.region_size)
-    reader = region_reader_for(model, source, processor)
-    expected = model.config.backbone_config.num_channels
-    if source.channels != expected:
-        raise ValueError(f"The image has {source.channels} channels but the region encoder expects {expected}.")
-    parameter = next(model.parameters())
-    batch_size = region_batch_size or model.config.region_batch_size or 16
-    batches = reader.batches(batch_size, num_workers)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, total=len(batches), unit="batch", desc=f"{len(reader)} regions")
+    reader = _reader(model, image, processor)
     stitched = None
-    for regions, rows, cols in batches:
-        regions = regions.to(parameter.device, parameter.dtype)
+    for regions, rows, cols in _region_batches(model, reader, region_batch_size, num_workers, progress):
         feature_maps = xt.region_encoder._feature_maps(regions)
+        if last_stage_only:
+            feature_maps = feature_maps[-1:]
         if stitched is None:
             stitched = [f.new_empty(1, f.shape[1], reader.rows * f.shape[2], reader.cols * f.shape[3]) for f in feature_maps]
         image_index = torch.zeros_like(rows)
@@ -60,9 +53,98 @@ def encode_regions_streaming(
     return stitched
 
 
+def _reader(model, image, processor) -> RegionReader:
+    source = image if hasattr(image, "read") else open_region_source(image, model.config.region_size)
+    expected = model.config.backbone_config.num_channels
+    if source.channels != expected:
+        raise ValueError(f"The image has {source.channels} channels but the region encoder expects {expected}.")
+    return region_reader_for(model, source, processor)
+
+
+def _region_batches(model, reader: RegionReader, region_batch_size, num_workers, progress, description="regions"):
+    """`(regions on the model's device and dtype, rows, cols)` batches in row-major order."""
+    parameter = next(model.parameters())
+    batch_size = region_batch_size or model.config.region_batch_size or 16
+    batches = reader.batches(batch_size, num_workers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=len(batches), unit="batch", desc=f"{len(reader)} {description}")
+    for regions, rows, cols in batches:
+        yield regions.to(parameter.device, parameter.dtype), rows, cols
+
+
 @torch.inference_mode()
 def predict_streaming(model, image, **kwargs) -> torch.Tensor:
     """Classification logits `(1, num_labels)` of one large image read region by region."""
     maps = encode_regions_streaming(model, image, **kwargs)
     pooled = model.base_model.encode_context(maps).pooler_output
     return model.classifier(pooled)
+
+
+@torch.inference_mode()
+def segment_streaming(
+    model,
+    image,
+    output,
+    *,
+    processor=None,
+    region_batch_size: int | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> tuple[int, int]:
+    """Whole-scene segmentation of a large image into a class map on disk, never holding full-resolution
+    features of all regions: returns the map's `(height, width)`.
+
+    Pass one encodes every region and keeps only the deepest stage's stitched grid, which the context
+    encoder turns into context tokens. Pass two re-encodes the regions chunk by chunk, decodes each with
+    its slice of the context tokens (`XTForSemanticSegmentation.decode_regions`) and writes the argmax
+    straight into `output`: a `.zarr` directory or a tiled `.tif`, uint8 (uint16 beyond 256 classes), at
+    `1 / decoder_output_stride` of the input resolution. Existing outputs are refused unless `overwrite`.
+    """
+    from pathlib import Path
+
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise ValueError(f"{output} exists: choose another output or allow replacing it (--overwrite, overwrite=True).")
+    if output.suffix.lower() not in (".zarr", ".tif", ".tiff"):
+        raise ValueError(f"The output must be a .zarr directory or a .tif file, got {output.name!r}.")
+    reader = _reader(model, image, processor)
+    xt = model.base_model
+    deepest = encode_regions_streaming(model, reader.source, processor=processor, region_batch_size=region_batch_size,
+                                       num_workers=num_workers, progress=progress, last_stage_only=True)
+    context = model.context_grid(xt.encode_context(deepest).last_hidden_state, deepest[-1])
+    context_view = None if context is None else as_region_grid(context, context.shape[2] // reader.rows,
+                                                                context.shape[3] // reader.cols)
+    stride = model.config.decoder_output_stride
+    side = model.config.region_size // stride
+    height, width = -(-reader.source.height // stride), -(-reader.source.width // stride)
+    dtype = np.uint8 if model.config.num_labels <= 256 else np.uint16
+
+    def region_masks():
+        """`(row, col, class map (side, side))` in row-major region order."""
+        for regions, rows, cols in _region_batches(model, reader, region_batch_size, num_workers, progress, "decoded"):
+            features = xt.region_encoder._feature_maps(regions)
+            region_context = None if context_view is None else context_view[torch.zeros_like(rows), rows, cols]
+            masks = model.decode_regions(list(features), region_context).argmax(dim=1).cpu().numpy().astype(dtype)
+            yield from zip(rows.tolist(), cols.tolist(), masks)
+
+    if output.suffix.lower() == ".zarr":
+        import zarr
+
+        target = zarr.open(str(output), mode="w", shape=(height, width), chunks=(side, side), dtype=dtype)
+        for row, col, mask in region_masks():
+            window = target[row * side : (row + 1) * side, col * side : (col + 1) * side]
+            target[row * side : (row + 1) * side, col * side : (col + 1) * side] = mask[: window.shape[0], : window.shape[1]]
+    else:
+        import tifffile
+
+        if side % 16:
+            raise ValueError(f"Tiled TIFF tiles must be multiples of 16 px; region_size / stride is {side}: use .zarr.")
+        # Regions arrive in row-major order, the order of a tiled TIFF's tiles (one tile per region, the
+        # last row and column of tiles partly outside the image): write them as they come.
+        tiles = (mask for _, _, mask in region_masks())
+        tifffile.imwrite(output, tiles, shape=(height, width), dtype=dtype, tile=(side, side))
+    return height, width
+
