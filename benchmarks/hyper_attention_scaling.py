@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import statistics
-import threading
 import time
 
 import torch
@@ -33,34 +31,7 @@ import torch.nn.functional as F
 
 from xt_hf.hyper_attention import hyper_attention
 
-
-class PeakRSS:
-    """Peak growth of the resident set inside a `with` block, in MiB."""
-
-    def __init__(self, interval: float = 0.001):
-        self.interval, self.page = interval, os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * self.page
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.baseline = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-        self.growth_mib = (self.peak - self.baseline) / 2**20
+from peak_memory import PeakRSS  # benchmarks/ is on sys.path when run as a script
 
 
 def mmap_large_allocations(threshold: int = 128 * 1024) -> None:

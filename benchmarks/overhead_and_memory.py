@@ -19,13 +19,13 @@ import argparse
 import json
 import resource
 import statistics
-import os
 import subprocess
 import sys
-import threading
 import time
 
 import torch
+
+from peak_memory import PeakRSS  # benchmarks/ is on sys.path when run as a script
 
 
 def swin_t_xt_config(context: bool, region_batch_size: int | None = None):
@@ -39,35 +39,6 @@ def swin_t_xt_config(context: bool, region_batch_size: int | None = None):
                         region_batch_size=region_batch_size)
     return XTConfig(region_size=256, backbone_config=backbone, context_encoder="none", classifier="pool",
                     num_labels=284, region_batch_size=region_batch_size)
-
-
-class PeakRSS:
-    """Peak growth of this process's resident set inside a `with` block, sampled from /proc/self/statm."""
-
-    def __init__(self, interval: float = 0.001):
-        self.interval, self.page = interval, os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * self.page
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.baseline = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-        self.growth_mb = (self.peak - self.baseline) / 2**20
 
 
 def synchronize(device):
@@ -134,7 +105,7 @@ def peak_memory_child(side: int, region_batch_size: int, device_name: str, dtype
             before = torch.cuda.memory_allocated()
         with PeakRSS() as rss:
             model(pixel_values)
-    result = {"peak_rss_growth_mb": rss.growth_mb, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result = {"peak_rss_growth_mb": rss.growth_mib, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
         result["cuda_peak_growth_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
     print(json.dumps(result))

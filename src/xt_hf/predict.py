@@ -25,21 +25,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(arguments: argparse.Namespace) -> None:
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoModelForImageClassification
 
     from .region_sources import open_region_source
-    from .streaming import predict_streaming
+    from .streaming import load_for_inference, predict_streaming
 
-    try:
-        model = AutoModelForImageClassification.from_pretrained(arguments.model, trust_remote_code=True)
-    except (OSError, ValueError) as error:
-        print(f"error: cannot load the model {arguments.model!r}: {error}", file=sys.stderr)
-        sys.exit(2)
-    model = model.to(arguments.device, getattr(torch, arguments.dtype)).eval()
-    try:
-        processor = AutoImageProcessor.from_pretrained(arguments.model, trust_remote_code=True)
-    except (OSError, ValueError):
-        processor = None  # no preprocessor_config.json: ImageNet statistics, as the original
+    model, processor = load_for_inference(
+        AutoModelForImageClassification, arguments.model, arguments.device, getattr(torch, arguments.dtype)
+    )
     try:
         source = open_region_source(arguments.image, model.config.region_size)
     except ValueError as error:

@@ -24,20 +24,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(arguments: argparse.Namespace) -> None:
-    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+    from transformers import AutoModelForSemanticSegmentation
 
-    from .streaming import segment_streaming
+    from .streaming import load_for_inference, segment_streaming
 
-    try:
-        model = AutoModelForSemanticSegmentation.from_pretrained(arguments.model, trust_remote_code=True)
-    except (OSError, ValueError) as error:
-        print(f"error: cannot load the model {arguments.model!r}: {error}", file=sys.stderr)
-        sys.exit(2)
-    model = model.to(arguments.device, getattr(torch, arguments.dtype)).eval()
-    try:
-        processor = AutoImageProcessor.from_pretrained(arguments.model, trust_remote_code=True)
-    except (OSError, ValueError):
-        processor = None
+    model, processor = load_for_inference(
+        AutoModelForSemanticSegmentation, arguments.model, arguments.device, getattr(torch, arguments.dtype)
+    )
     start = time.perf_counter()
     try:
         height, width = segment_streaming(

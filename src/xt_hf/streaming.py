@@ -9,6 +9,25 @@ from .nested_tokenization import as_region_grid
 from .region_sources import RegionReader, RegionSource, open_region_source
 
 
+def load_for_inference(auto_class, model_id: str, device: str, dtype: torch.dtype):
+    """`(model in eval mode on device/dtype, image processor or None)`; exits with status 2 and a message
+    naming the model when it cannot be loaded (command-line use)."""
+    import sys
+
+    from transformers import AutoImageProcessor
+
+    try:
+        model = auto_class.from_pretrained(model_id, trust_remote_code=True)
+    except (OSError, ValueError) as error:
+        print(f"error: cannot load the model {model_id!r}: {error}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_id, trust_remote_code=True)
+    except (OSError, ValueError):
+        processor = None  # no preprocessor_config.json: ImageNet statistics, as the original
+    return model.to(device, dtype).eval(), processor
+
+
 def region_reader_for(model, source: RegionSource, processor=None) -> RegionReader:
     """A reader that normalises exactly as the model's image processor (ImageNet statistics by default)."""
     arguments = {}
