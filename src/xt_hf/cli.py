@@ -16,7 +16,7 @@ import torch
 
 
 # Modules providing `add_parser(subparsers)`, which registers a command whose `run(arguments)` does the work.
-COMMAND_MODULES = ("predict", "train")
+COMMAND_MODULES = ("predict", "segment", "train")
 
 
 def generated_image(height: int, width: int, seed: int = 0) -> np.ndarray:
