@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 f"which could run code. Only tensor checkpoints are accepted (torch.load(weights_only=True))."
             ) from error
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?).") from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - garbage bytes surface as KeyError, IndexError, EOFError, ...
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {str(error).splitlines()[0]}"
         ) from error
