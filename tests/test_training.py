@@ -1,4 +1,4 @@
-"""Fine-tuning: `transformers.Trainer`, the Accelerate script `xt_hf.train`, bad-data errors, the synthetic task."""
+"""Fine-tuning: `transformers.Trainer`, the Accelerate script `xt_hf.train`, bad-data errors."""
 
 from __future__ import annotations
 
@@ -287,38 +287,3 @@ def test_image_smaller_than_a_region_error_names_the_sample(saved_dataset, model
     with pytest.raises(BadSampleError, match=message):  # the script surfaces the same error
         main(script_arguments(folder, model_config_file, tmp_path / "run", max_steps=2, batch_size=6,
                               checkpointing_steps=None))
-
-
-# --------------------------------------------------------------------------------------------------------
-# The synthetic context task
-
-
-def test_synthetic_label_is_the_relation_between_the_red_and_blue_markers():
-    from xt_hf.synthetic import BLUE, LABELS, RED, generate_sample, relation_label, sample_rng
-
-    assert [LABELS[relation_label(red, blue)] for red, blue in
-            [((10, 10), (50, 50)), ((10, 90), (50, 50)), ((90, 10), (50, 50)), ((90, 90), (50, 50))]] == \
-        ["above-left", "above-right", "below-left", "below-right"]
-    region = 128
-    seen = set()
-    for index in range(12):
-        sample = generate_sample(sample_rng(0, "train", index), image_size=768, region_size=region)
-        assert sample.image.shape == (768, 768, 3) and sample.image.dtype == np.uint8
-        assert len(set(sample.red_regions)) == len(set(sample.blue_regions)) == 4  # one disc per region
-        for red in sample.red_centers:  # every red disc has the labelled relation to every blue disc
-            for blue in sample.blue_centers:
-                assert relation_label(red, blue) == sample.label
-        for red_region in sample.red_regions:  # ... and so does every red region to every blue region
-            for blue_region in sample.blue_regions:
-                assert red_region[0] != blue_region[0] and red_region[1] != blue_region[1]
-                assert 2 * int(red_region[0] > blue_region[0]) + int(red_region[1] > blue_region[1]) == sample.label
-        # The marker colours appear exactly in the marker regions, nowhere else.
-        for colour, centers, regions in ((RED, sample.red_centers, sample.red_regions),
-                                         (BLUE, sample.blue_centers, sample.blue_regions)):
-            assert all(tuple(sample.image[center]) == colour for center in centers)
-            rows, cols = np.nonzero((sample.image == colour).all(-1))
-            assert set(zip((rows // region).tolist(), (cols // region).tolist())) == set(regions)
-        seen.add(sample.label)
-        again = generate_sample(sample_rng(0, "train", index), image_size=768, region_size=region)
-        assert np.array_equal(again.image, sample.image)  # every sample is reproducible on its own
-    assert seen == {0, 1, 2, 3}
