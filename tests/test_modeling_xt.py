@@ -216,6 +216,18 @@ def test_sdpa_and_eager_attention_agree_and_eager_returns_weights():
     assert torch.all(weights.triu(1) == 0), "causal attention must not look ahead"
 
 
+def test_token_chunked_inference_matches_the_autograd_forward():
+    """Without gradients the blocks run their per-token half in place, chunk by chunk: same numbers."""
+    pixel_values = torch.randn(2, 3, 2 * REGION, 3 * REGION)
+    model = build(context_token_chunk_size=7)  # does not divide the 6·16 + 1 tokens
+    reference = model(pixel_values, output_hidden_states=True)
+    with torch.inference_mode():
+        chunked = model(pixel_values, output_hidden_states=True)
+    torch.testing.assert_close(chunked.logits, reference.logits, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(chunked.hidden_states, reference.hidden_states, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_hidden_states_cover_input_and_every_block():
     model = build(context_num_layers=3)
     with torch.no_grad():

@@ -53,6 +53,11 @@ class XTConfig(PreTrainedConfig):
             released checkpoint computes whatever its config says.
         context_mlp_ratio (`float`, defaults to 4.0):
             Width of the gated MLP of attention blocks relative to `context_hidden_size`.
+        context_token_chunk_size (`int`, defaults to 16384):
+            Without gradients, attention blocks run their per-token layers (norm, gated MLP) over this many
+            tokens at a time, in place, so that a block's peak memory holds a few copies of the token
+            states instead of the MLP's `2 · context_mlp_ratio`-fold widening of all of them. Outputs are
+            unchanged (up to float summation order inside matrix products).
         context_attention_causal (`bool`, defaults to `True`):
             Causal self-attention over the token sequence. *(released "hyper": True; "naive": False.)*
         context_attention_scale (`float`, *optional*):
@@ -149,6 +154,7 @@ class XTConfig(PreTrainedConfig):
     context_num_layers: int = 2
     context_num_heads: int | None = None
     context_mlp_ratio: float | int = 4.0
+    context_token_chunk_size: int = 16384
     context_attention_causal: bool = True
     context_attention_scale: float | None = None
     context_qkv_bias: bool = True
@@ -209,6 +215,8 @@ class XTConfig(PreTrainedConfig):
             )
         if self.region_batch_size is not None and self.region_batch_size < 1:
             raise ValueError(f"`region_batch_size` must be None or ≥ 1, got {self.region_batch_size}.")
+        if self.context_token_chunk_size < 1:
+            raise ValueError(f"`context_token_chunk_size` must be ≥ 1, got {self.context_token_chunk_size}.")
         if not 0.0 < self.grad_ratio <= 1.0:
             raise ValueError(f"`grad_ratio` must be in (0, 1], got {self.grad_ratio}.")
         if self.context_encoder not in CONTEXT_ENCODERS:

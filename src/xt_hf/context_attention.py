@@ -109,9 +109,17 @@ class XTAttentionBlock(GradientCheckpointingLayer):
         self.attn = XTSelfAttention(config)
         self.post_attention_layernorm = XTRMSNorm(config.context_hidden_size, eps=config.context_rms_norm_eps)
         self.mlp = XTGatedMLP(config)
+        self.token_chunk_size = config.context_token_chunk_size
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, weights = self.attn(self.input_layernorm(hidden_states))
-        hidden_states = hidden_states + attended
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        if torch.is_grad_enabled():
+            hidden_states = hidden_states + attended
+            return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), weights
+        # Without autograd nothing needs the intermediate states: the residual sum reuses the attention
+        # output's storage and the MLP half runs chunk by chunk in place. Gigapixel images have 10⁵–10⁶
+        # tokens, where the MLP's widened activations would otherwise dominate peak memory.
+        hidden_states = attended.add_(hidden_states)
+        for chunk in hidden_states.split(self.token_chunk_size, dim=1):
+            chunk.add_(self.mlp(self.post_attention_layernorm(chunk)))
         return hidden_states, weights

@@ -1,0 +1,93 @@
+"""Peak memory of the context encoder alone as the token grid grows, with and without token chunking.
+
+The region encoder's memory is bounded by `region_batch_size` whatever the image size; what grows with
+the image is the stitched token grid and the context encoder run over it. This measures that part in
+isolation (the released 768-wide, 2-layer HyperAttention encoder on a Swin-v2-T grid: one token per
+32 × 32 px) for image sides from 2,048 px up, each size in a fresh subprocess:
+
+    python benchmarks/context_memory.py --sides 2048 4096 8192 16384 --csv benchmarks/results/context_memory.csv
+
+`growth` is the process's peak resident memory during the forward minus before it (the grid itself is
+allocated before); `× grid` divides it by the token grid's own size. `chunked` uses the default
+`context_token_chunk_size`; `unchunked` sets it above the token count (the per-token layers then widen
+all tokens at once, as a plain implementation does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STRIDE = 32  # Swin-v2-T's deepest stage: one token per 32 × 32 px
+CHANNELS = 768
+
+
+def measure(height: int, width: int, chunk: int | None, dtype: str) -> dict:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from peak_memory import PeakRSS
+
+    from xt_hf import XTConfig
+    from xt_hf.context_encoder import XTContextEncoder
+
+    torch.manual_seed(0)
+    rows, cols = height // STRIDE, width // STRIDE
+    config = XTConfig(context_hidden_size=768, context_num_layers=2, context_long_sequence_attention="hyper",
+                      **({} if chunk is None else {"context_token_chunk_size": chunk}))
+    encoder = XTContextEncoder(config, CHANNELS).eval().to(getattr(torch, dtype))
+    grid = torch.randn(1, CHANNELS, rows, cols, dtype=getattr(torch, dtype))
+    start = time.perf_counter()
+    with torch.inference_mode(), PeakRSS() as peak:
+        encoder(grid)
+    return {
+        "height": height, "width": width, "tokens": rows * cols, "dtype": dtype,
+        "chunk": config.context_token_chunk_size, "seconds": round(time.perf_counter() - start, 2),
+        "grid_mib": round(grid.numel() * grid.element_size() / 2**20, 1), "growth_mib": round(peak.growth_mib, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sides", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--extra", nargs="*", default=[], metavar="HxW", help="other image sizes, e.g. 29000x25000")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--csv")
+    parser.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments._child:
+        height, width, chunk, dtype = arguments._child
+        print(json.dumps(measure(int(height), int(width), None if chunk == "default" else int(chunk), dtype)))
+        return
+
+    sizes = [(side, side) for side in arguments.sides] + [tuple(map(int, s.split("x"))) for s in arguments.extra]
+    rows = []
+    print(f"{'image':>13} {'tokens':>8} {'grid MiB':>9} {'mode':>9} {'growth MiB':>11} {'× grid':>7} {'s':>7}")
+    for height, width in sizes:
+        for mode, chunk in (("unchunked", str(10**9)), ("chunked", "default")):
+            result = subprocess.run(
+                [sys.executable, __file__, "--_child", str(height), str(width), chunk, arguments.dtype],
+                capture_output=True, text=True,
+            )
+            if result.returncode:
+                print(f"{height}×{width} {mode}: failed ({result.stderr.strip().splitlines()[-1:]})")
+                continue
+            row = {"mode": mode, **json.loads(result.stdout.strip().splitlines()[-1])}
+            rows.append(row)
+            print(f"{height:>6}×{width:<6} {row['tokens']:>8} {row['grid_mib']:>9} {mode:>9} {row['growth_mib']:>11} "
+                  f"{row['growth_mib'] / row['grid_mib']:>7.2f} {row['seconds']:>7}", flush=True)
+    if arguments.csv and rows:
+        Path(arguments.csv).parent.mkdir(parents=True, exist_ok=True)
+        with open(arguments.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

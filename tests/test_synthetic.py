@@ -1,0 +1,75 @@
+"""The synthetic relation task: labels follow the markers, and nothing order-free gives the label away."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xt_hf.synthetic import BLUE, LABELS, RED, generate_dataset, generate_sample, relation_label, sample_rng
+
+
+def colour_cells(image: np.ndarray, colour, region: int) -> set[tuple[int, int]]:
+    mask = (image == np.asarray(colour, dtype=np.uint8)).all(-1)
+    rows, cols = np.nonzero(mask)
+    return {(int(r) // region, int(c) // region) for r, c in zip(rows, cols)}
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_markers_sit_where_the_sample_says_and_decide_the_label(index):
+    sample = generate_sample(sample_rng(0, "train", index), image_size=512, region_size=64,
+                             marker_radius=(8, 14), clutter_radius=(4, 12))
+    assert sample.image.shape == (512, 512, 3) and sample.image.dtype == np.uint8
+    assert colour_cells(sample.image, RED, 64) == set(sample.red_regions)
+    assert colour_cells(sample.image, BLUE, 64) == set(sample.blue_regions)
+    assert len(sample.red_regions) == len(sample.blue_regions) == 4
+    # Every red disc has the same relation to every blue disc.
+    assert {relation_label(r, b) for r in sample.red_centers for b in sample.blue_centers} == {sample.label}
+    assert sample.label_name == LABELS[sample.label]
+
+
+def test_samples_are_reproducible_one_by_one_and_splits_differ():
+    first = generate_sample(sample_rng(3, "train", 7), image_size=512, region_size=64, marker_radius=(8, 14),
+                            clutter_radius=(4, 12))
+    again = generate_sample(sample_rng(3, "train", 7), image_size=512, region_size=64, marker_radius=(8, 14),
+                            clutter_radius=(4, 12))
+    other = generate_sample(sample_rng(3, "test", 7), image_size=512, region_size=64, marker_radius=(8, 14),
+                            clutter_radius=(4, 12))
+    np.testing.assert_array_equal(first.image, again.image)
+    assert not np.array_equal(first.image, other.image)
+
+
+def test_labels_are_balanced():
+    labels = [generate_sample(sample_rng(0, "validation", i), image_size=512, region_size=64,
+                              marker_radius=(8, 14), clutter_radius=(4, 12), clutter_per_region=(0, 0)).label
+              for i in range(400)]
+    counts = np.bincount(labels, minlength=4)
+    assert counts.min() > 70, counts  # 100 expected each; 70 is ~3.5 standard deviations away
+
+
+def test_single_marker_variant_and_non_square_images():
+    sample = generate_sample(sample_rng(0, "train", 0), image_size=(384, 640), region_size=64, markers_per_colour=1,
+                             marker_radius=(8, 14), clutter_radius=(4, 12))
+    assert sample.image.shape == (384, 640, 3)
+    assert len(sample.red_regions) == len(sample.blue_regions) == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(image_size=500, region_size=64), "multiples of region_size"),
+    (dict(image_size=256, region_size=64), "at least 6 regions"),
+    (dict(image_size=512, region_size=64, markers_per_colour=10), "markers_per_colour"),
+    (dict(image_size=512, region_size=64, marker_radius=(20, 40)), "fit inside one region"),
+])
+def test_impossible_layouts_raise_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate_sample(sample_rng(0, "train", 0), **kwargs)
+
+
+def test_generated_dataset_has_image_and_class_label_columns(tmp_path):
+    dataset = generate_dataset(3, 2, image_size=384, region_size=64, marker_radius=(8, 14), clutter_radius=(4, 12))
+    assert {name: len(split) for name, split in dataset.items()} == {"train": 3, "test": 2}
+    assert dataset["train"].features["label"].names == list(LABELS)
+    row = dataset["test"][1]
+    expected = generate_sample(sample_rng(0, "test", 1), image_size=384, region_size=64, marker_radius=(8, 14),
+                               clutter_radius=(4, 12))
+    np.testing.assert_array_equal(np.asarray(row["image"]), expected.image)
+    assert row["label"] == expected.label
