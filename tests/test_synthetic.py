@@ -73,3 +73,30 @@ def test_generated_dataset_has_image_and_class_label_columns(tmp_path):
                                clutter_radius=(4, 12))
     np.testing.assert_array_equal(np.asarray(row["image"]), expected.image)
     assert row["label"] == expected.label
+
+
+def test_evaluate_model_scores_a_saved_classifier_on_a_split(tmp_path):
+    import torch
+    from conftest import tiny_backbone_config, tiny_config
+
+    from xt_hf import XTForImageClassification, XTImageProcessor
+    from xt_hf.synthetic import evaluate_model
+
+    options = dict(image_size=384, region_size=64, marker_radius=(8, 14), clutter_radius=(4, 12))
+    generate_dataset(2, 5, **options).save_to_disk(tmp_path / "data")
+    config = tiny_config(region_size=64, backbone_config=tiny_backbone_config(out_features=["stage2"]),
+                         id2label=dict(enumerate(LABELS)))
+    model = XTForImageClassification(config).eval()
+    model.save_pretrained(tmp_path / "model")
+    XTImageProcessor(region_size=64).save_pretrained(tmp_path / "model")
+
+    report = evaluate_model(str(tmp_path / "model"), str(tmp_path / "data"), "test", batch_size=2)
+    samples = [generate_sample(sample_rng(0, "test", i), **options) for i in range(5)]
+    processor = XTImageProcessor(region_size=64)
+    with torch.inference_mode():
+        predicted = model(**processor([s.image for s in samples], return_tensors="pt")).logits.argmax(-1).tolist()
+    expected = np.zeros((4, 4), dtype=int)
+    for sample, guess in zip(samples, predicted):
+        expected[sample.label, guess] += 1
+    assert report["confusion"] == expected.tolist()
+    assert report["samples"] == 5 and report["top1"] == pytest.approx(np.trace(expected) / 5)
