@@ -1,4 +1,4 @@
-"""Fine-tune an xT classifier with 🤗 Accelerate: one script from a laptop CPU to many GPUs and nodes.
+"""Fine-tune an xT classifier or segmenter with 🤗 Accelerate: one script from a laptop CPU to many GPUs and nodes.
 
     xt-hf train --config configs/train/example.yaml --set learning_rate=3e-4
     accelerate launch --config_file configs/accelerate/8xa100_ddp.yaml -m xt_hf.train --config ...
@@ -8,11 +8,17 @@ Settings come from a YAML/JSON file (`--config`), then explicit flags (`--learni
 later sources win. Every setting is a field of `TrainConfig`. Distribution, mixed precision, gradient
 accumulation, checkpoint state and trackers are Accelerate's; this script holds only the training loop.
 
+Two tasks share the loop (`task`; by default segmentation when the model is an `XTForSemanticSegmentation` or
+the dataset has a `mask_column`): classification (cross-entropy with label smoothing, top-1/top-5, best model
+by top-1) and semantic segmentation (the model's own loss, mean IoU / per-class IoU / pixel accuracy, best
+model by mean IoU). What differs between them lives in `ClassificationTask` and `SegmentationTask`.
+
 What a run writes to `output_dir`:
     checkpoints/step_000200/  `accelerator.save_state` (model, optimizer, scheduler, RNG, progress);
                               written under a `.tmp` name and renamed when complete
-    best/                     the best model by eval top-1: `save_pretrained` + image processor,
-                              loads with `AutoModelForImageClassification.from_pretrained`
+    best/                     the best model by eval top-1 (segmentation: mean IoU): `save_pretrained` +
+                              image processor, loads with `AutoModelForImageClassification` (or
+                              `AutoModelForSemanticSegmentation`) `.from_pretrained`
     metrics.jsonl             every logged metric, one JSON object per line
     train_config.yaml         the resolved settings
 A run started again with the same `output_dir` resumes from the newest complete checkpoint, at the same
@@ -44,6 +50,7 @@ import yaml
 logger = logging.getLogger("xt_hf.train")
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+TASKS = ("auto", "classification", "segmentation")
 
 
 @dataclass
@@ -68,7 +75,13 @@ class TrainConfig:
     eval_fraction: float = field(default=0.0, metadata={
         "help": "Without an eval split, hold out this fraction of the training split (seeded)."})
     image_column: str | None = field(default=None, metadata={"help": "Image column; by default the Image feature."})
-    label_column: str = field(default="label", metadata={"help": "Label column."})
+    label_column: str = field(default="label", metadata={"help": "Label column (classification)."})
+    task: str = field(default="auto", metadata={
+        "help": "'classification', 'segmentation', or 'auto': segmentation when the model is an "
+                "XTForSemanticSegmentation or the training split has `mask_column`, else classification."})
+    mask_column: str = field(default="mask", metadata={
+        "help": "Segmentation masks: an Image feature (mode L/P/I) or 2-D array of class ids per pixel, the size "
+                "of its image; XTConfig.semantic_loss_ignore_index (255) marks unlabelled pixels."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval samples."})
     processor_overrides: dict = field(default_factory=dict, metadata={
@@ -88,7 +101,7 @@ class TrainConfig:
     context_encoder_learning_rate: float | None = field(default=None, metadata={
         "help": "Peak LR of the context encoder. Default: learning_rate."})
     head_learning_rate: float | None = field(default=None, metadata={
-        "help": "Peak LR of the classification head. Default: learning_rate."})
+        "help": "Peak LR of the head (classifier, or segmentation decoder). Default: learning_rate."})
     weight_decay: float = field(default=0.05, metadata={
         "help": "AdamW weight decay (not applied to biases, norms, position or CLS tokens)."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
@@ -99,7 +112,8 @@ class TrainConfig:
     warmup_steps: int | None = field(default=None, metadata={"help": "Warmup steps; default warmup_ratio·steps."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Warmup as a fraction of all steps."})
     max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient clipping norm (xT: 5.0); 0 disables."})
-    label_smoothing: float = field(default=0.3, metadata={"help": "Label smoothing of the cross-entropy (xT: 0.3)."})
+    label_smoothing: float = field(default=0.3, metadata={
+        "help": "Label smoothing of the classification cross-entropy (xT: 0.3); segmentation uses the model's loss."})
     mixed_precision: str | None = field(default=None, metadata={
         "help": "no, bf16 or fp16 (Accelerate autocast); null: the `accelerate launch` config's setting, else no."})
     gradient_checkpointing: bool = field(default=False, metadata={
@@ -153,6 +167,8 @@ class TrainConfig:
             raise ValueError("Set `dataset`: a Hub dataset name, 'imagefolder:PATH', or a save_to_disk folder.")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"`mixed_precision` must be no, bf16 or fp16, got {self.mixed_precision!r}.")
+        if self.task not in TASKS:
+            raise ValueError(f"`task` must be one of {', '.join(TASKS)}, got {self.task!r}.")
         if self.label_source not in ("auto", "model", "data"):
             raise ValueError(f"`label_source` must be auto, model or data, got {self.label_source!r}.")
         for name in ("batch_size", "gradient_accumulation_steps", "logging_steps"):
@@ -168,6 +184,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
         if type(None) in types:
             return None
+        if value is not None and str in types:  # the word itself, as in `report_to: none` or `resume: none`
+            return value
         raise ValueError(f"`{key}` cannot be null.")
     try:
         if bool in types:
@@ -248,7 +266,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def add_parser(subparsers) -> None:
     """Register `xt-hf train`."""
     parser = subparsers.add_parser(
-        "train", help="fine-tune an xT classifier (Accelerate; also `accelerate launch -m xt_hf.train`)",
+        "train", help="fine-tune an xT classifier or segmenter (Accelerate; also `accelerate launch -m xt_hf.train`)",
         description=__doc__.split("\n\n")[0],
     )
     add_arguments(parser)
@@ -321,32 +339,38 @@ def choose_labels(config: TrainConfig, model_config, train_split) -> tuple[dict[
     return data_labels, data_labels != model_labels
 
 
-def load_model_and_processor(config: TrainConfig, train_split):
-    """The model (pretrained or new) with the training class list, and its image processor."""
+def load_model_config(config: TrainConfig):
+    """The model's config: read from an XTConfig JSON/YAML file, or from a saved folder or Hub id."""
     from transformers import AutoConfig
 
-    from . import XTConfig, XTForImageClassification, XTImageProcessor
+    from . import XTConfig
+
+    if _is_config_file(config.model):
+        return XTConfig.from_dict(read_config_file(config.model))
+    return AutoConfig.from_pretrained(config.model)
+
+
+def load_model_and_processor(config: TrainConfig, model_config, task, train_split):
+    """The task's model (pretrained or new) with the training class list, and its image processor."""
+    from . import XTConfig, XTImageProcessor
 
     overrides = dict(config.model_overrides)
     for name in ("grad_ratio", "region_batch_size"):
         if getattr(config, name) is not None:
             overrides[name] = getattr(config, name)
+    labels, new_head = task.labels(model_config, train_split)
 
-    source = Path(config.model)
-    from_config_file = source.is_file() and source.suffix in (".json", ".yaml", ".yml")
-    if from_config_file:
-        model_config = XTConfig.from_dict(read_config_file(source))
-    else:
-        model_config = AutoConfig.from_pretrained(config.model)
-    id2label, new_head = choose_labels(config, model_config, train_split)
-    labels = dict(id2label=id2label, label2id={name: i for i, name in id2label.items()})
-
+    from_config_file = _is_config_file(config.model)
     if from_config_file:
         values = {**model_config.to_dict(), **overrides, **labels}
-        values.pop("num_labels", None)  # follows id2label
-        model = XTForImageClassification(XTConfig.from_dict(values))
+        if "id2label" in labels or "id2label" in overrides:
+            values.pop("num_labels", None)  # follows id2label
+        elif "num_labels" in overrides:
+            values.pop("id2label", None)  # rebuilt for the new number of classes
+            values.pop("label2id", None)
+        model = task.model_class(XTConfig.from_dict(values))
     else:
-        model = XTForImageClassification.from_pretrained(
+        model = task.model_class.from_pretrained(
             config.model, **overrides, **labels, ignore_mismatched_sizes=new_head
         )
 
@@ -362,6 +386,147 @@ def load_model_and_processor(config: TrainConfig, train_split):
         raise ValueError(f"The image processor's region_size ({processor.region_size}) differs from the model's "
                          f"({model.config.region_size}).")
     return model, processor
+
+
+def _is_config_file(model: str) -> bool:
+    path = Path(model)
+    return path.is_file() and path.suffix in (".json", ".yaml", ".yml")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tasks: what classification and segmentation do differently (model class, data, loss, metrics)
+
+
+def make_task(config: TrainConfig, model_config, train_split) -> ClassificationTask | SegmentationTask:
+    """The task `config.task` names; for "auto", segmentation when the model config says it is a segmenter or
+    the training split has `config.mask_column`, else classification."""
+    name = config.task
+    if name == "auto":
+        architectures = getattr(model_config, "architectures", None) or []
+        is_segmenter = any(architecture.endswith("ForSemanticSegmentation") for architecture in architectures)
+        name = "segmentation" if is_segmenter or config.mask_column in train_split.column_names else "classification"
+    return SegmentationTask(config) if name == "segmentation" else ClassificationTask(config)
+
+
+class ClassificationTask:
+    """One class per image: cross-entropy with label smoothing, top-1 and top-5 accuracy, best model by top-1."""
+
+    name = "classification"
+    best_metric = "eval/top1"
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    @property
+    def model_class(self):
+        from . import XTForImageClassification
+
+        return XTForImageClassification
+
+    def labels(self, model_config, train_split) -> tuple[dict, bool]:
+        """Config fields that fix the class list, and whether they need a new head."""
+        id2label, new_head = choose_labels(self.config, model_config, train_split)
+        return dict(id2label=id2label, label2id={name: i for i, name in id2label.items()}), new_head
+
+    def prepare(self, split, processor, model_config):
+        from .training_utils import prepare_dataset
+
+        return prepare_dataset(split, processor, label2id=model_config.label2id, image_column=self.config.image_column,
+                               label_column=self.config.label_column)
+
+    def collator(self, processor, model_config):
+        from .training_utils import RegionPaddingCollator
+
+        return RegionPaddingCollator(processor.region_size, processor.pad_value)
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        logits = model(pixel_values=batch["pixel_values"]).logits
+        return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.config.label_smoothing)
+
+    def evaluate(self, model, loader, accelerator) -> dict[str, float]:
+        """Plain cross-entropy (no smoothing), top-1 and top-5 over the whole eval split."""
+        from .training_utils import top_k_accuracy
+
+        all_logits, all_labels, losses = [], [], []
+        for batch in loader:
+            logits = model(pixel_values=batch["pixel_values"]).logits.float()
+            losses.append(F.cross_entropy(logits, batch["labels"], reduction="sum")[None])
+            logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+            all_logits.append(logits.cpu())
+            all_labels.append(labels.cpu())
+        logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+        loss_sum = accelerator.reduce(torch.cat(losses).sum(), reduction="sum").item()
+        return {"eval/loss": loss_sum / max(1, len(labels)), "eval/top1": top_k_accuracy(logits, labels, 1),
+                "eval/top5": top_k_accuracy(logits, labels, 5)}
+
+
+class SegmentationTask:
+    """A class per pixel: the model's own loss (cross-entropy over labelled pixels, plus its Dice term), mean IoU,
+    per-class IoU and pixel accuracy, best model by mean IoU. The classes are the model config's (`id2label`,
+    `num_labels`; set them with `model_overrides`); masks hold their ids."""
+
+    name = "segmentation"
+    best_metric = "eval/mean_iou"
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    @property
+    def model_class(self):
+        from . import XTForSemanticSegmentation
+
+        return XTForSemanticSegmentation
+
+    def labels(self, model_config, train_split) -> tuple[dict, bool]:
+        overrides = self.config.model_overrides
+        return {}, "num_labels" in overrides or "id2label" in overrides
+
+    def prepare(self, split, processor, model_config):
+        from .training_utils import prepare_segmentation_dataset
+
+        return prepare_segmentation_dataset(
+            split, processor, num_labels=model_config.num_labels, ignore_index=model_config.semantic_loss_ignore_index,
+            image_column=self.config.image_column, mask_column=self.config.mask_column,
+        )
+
+    def collator(self, processor, model_config):
+        from .training_utils import SegmentationPaddingCollator
+
+        return SegmentationPaddingCollator(processor.region_size, processor.pad_value,
+                                           model_config.semantic_loss_ignore_index)
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+        if not torch.isfinite(outputs.loss):  # no labelled pixel in the batch: a zero loss, not NaN gradients
+            return outputs.logits.float().sum() * 0.0
+        return outputs.loss
+
+    def evaluate(self, model, loader, accelerator) -> dict[str, float]:
+        """The model's loss, and IoU / accuracy from one confusion matrix summed over every eval pixel."""
+        from .training_utils import _metric_name, confusion_matrix, logits_to_class_maps, metrics_from_confusion
+
+        model_config = accelerator.unwrap_model(model).config
+        num_labels, ignore = model_config.num_labels, model_config.semantic_loss_ignore_index
+        confusions = []
+        loss_sum = torch.zeros((), device=accelerator.device)
+        loss_count = torch.zeros((), device=accelerator.device)
+        for batch in loader:
+            outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+            if torch.isfinite(outputs.loss):
+                loss_sum += outputs.loss.float() * len(batch["labels"])
+                loss_count += len(batch["labels"])
+            predictions = logits_to_class_maps(outputs.logits, batch["labels"].shape[-2:])
+            # Per image, so that gather_for_metrics can drop the samples repeated to even out the last batch.
+            confusion = confusion_matrix(predictions, batch["labels"], num_labels, ignore, per_sample=True)
+            confusions.append(accelerator.gather_for_metrics(confusion).cpu())
+        metrics = metrics_from_confusion(torch.cat(confusions).sum(dim=0))
+        loss = accelerator.reduce(loss_sum, reduction="sum") / accelerator.reduce(loss_count, reduction="sum")
+        result = {"eval/loss": loss.item(), "eval/mean_iou": metrics["mean_iou"],
+                  "eval/mean_accuracy": metrics["mean_accuracy"], "eval/pixel_accuracy": metrics["overall_accuracy"]}
+        for index, iou in enumerate(metrics["per_category_iou"]):
+            name = model_config.id2label.get(index, str(index))
+            result[f"eval/iou_{_metric_name(str(name))}"] = float(iou)
+        return result
 
 
 def parameter_groups(model, config: TrainConfig) -> list[dict]:
@@ -400,13 +565,16 @@ class TrainingProgress:
         self.global_step = 0  # optimizer steps done
         self.epoch = 0
         self.batches_in_epoch = 0  # batches of `epoch` already consumed
-        self.best_top1 = -math.inf
+        self.best_metric = -math.inf  # the task's best_metric (top-1, or mean IoU) of the best model so far
         self.best_step = -1
 
     def state_dict(self) -> dict:
         return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        if "best_top1" in state:  # checkpoints written before segmentation training
+            state["best_metric"] = state.pop("best_top1")
         vars(self).update(state)
 
 
@@ -449,8 +617,6 @@ def train(config: TrainConfig) -> dict[str, float]:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from .training_utils import RegionPaddingCollator, prepare_dataset, top_k_accuracy
-
     output_dir = Path(config.output_dir)
     trackers = [name.strip() for name in config.report_to.split(",") if name.strip() and name.strip() != "none"]
     accelerator = Accelerator(
@@ -467,15 +633,14 @@ def train(config: TrainConfig) -> dict[str, float]:
     set_seed(config.seed)
 
     train_split, eval_split = load_splits(config, accelerator)
-    model, processor = load_model_and_processor(config, train_split)
+    model_config = load_model_config(config)
+    task = make_task(config, model_config, train_split)
+    model, processor = load_model_and_processor(config, model_config, task, train_split)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    label2id = model.config.label2id
-    train_dataset = prepare_dataset(train_split, processor, label2id=label2id, image_column=config.image_column,
-                                    label_column=config.label_column)
-    eval_dataset = (prepare_dataset(eval_split, processor, label2id=label2id, image_column=config.image_column,
-                                    label_column=config.label_column) if eval_split is not None else None)
-    collate = RegionPaddingCollator(processor.region_size, processor.pad_value)
+    train_dataset = task.prepare(train_split, processor, model.config)
+    eval_dataset = task.prepare(eval_split, processor, model.config) if eval_split is not None else None
+    collate = task.collator(processor, model.config)
     loader_options = dict(collate_fn=collate, num_workers=config.num_workers,
                           pin_memory=accelerator.device.type == "cuda", persistent_workers=config.num_workers > 0)
     train_loader = DataLoader(train_dataset, batch_size=config.batch_size, shuffle=True, drop_last=False,
@@ -513,35 +678,22 @@ def train(config: TrainConfig) -> dict[str, float]:
     accelerator.init_trackers(config.project_name, config=_flat_hparams(config))
 
     total_batch = config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps
-    logger.info("%d training images, %s eval images, %d classes; %d steps of %d images (%d per device × %d "
-                "processes × %d accumulation), %d steps per epoch.", len(train_dataset),
+    logger.info("%s: %d training images, %s eval images, %d classes; %d steps of %d images (%d per device × %d "
+                "processes × %d accumulation), %d steps per epoch.", task.name, len(train_dataset),
                 len(eval_dataset) if eval_dataset is not None else "no", num_labels, max_steps,
                 total_batch, config.batch_size, accelerator.num_processes, config.gradient_accumulation_steps,
                 steps_per_epoch)
 
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        all_logits, all_labels, losses = [], [], []
-        with torch.no_grad():
-            for batch in eval_loader:
-                logits = model(pixel_values=batch["pixel_values"]).logits.float()
-                losses.append(F.cross_entropy(logits, batch["labels"], reduction="sum")[None])
-                logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
-                all_logits.append(logits.cpu())
-                all_labels.append(labels.cpu())
-        model.train()
-        logits, labels = torch.cat(all_logits), torch.cat(all_labels)
-        loss_sum = accelerator.reduce(torch.cat(losses).sum(), reduction="sum").item()
-        return {"eval/loss": loss_sum / max(1, len(labels)), "eval/top1": top_k_accuracy(logits, labels, 1),
-                "eval/top5": top_k_accuracy(logits, labels, 5)}
-
     def evaluate_and_keep_best() -> dict[str, float]:
-        metrics = evaluate()
+        model.eval()
+        with torch.no_grad():
+            metrics = task.evaluate(model, eval_loader, accelerator)
+        model.train()
         accelerator.log(metrics, step=progress.global_step)
         logger.info("step %d: %s", progress.global_step,
                     ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
-        if metrics["eval/top1"] > progress.best_top1:
-            progress.best_top1, progress.best_step = metrics["eval/top1"], progress.global_step
+        if metrics[task.best_metric] > progress.best_metric:
+            progress.best_metric, progress.best_step = metrics[task.best_metric], progress.global_step
             save_model(accelerator, model, processor, output_dir / "best",
                        {**metrics, "step": progress.global_step, "epoch": progress.epoch})
         return metrics
@@ -569,8 +721,7 @@ def train(config: TrainConfig) -> dict[str, float]:
             torch.manual_seed((config.seed << 32) + micro_step * accelerator.num_processes
                               + accelerator.process_index)
             with accelerator.accumulate(model):
-                logits = model(pixel_values=batch["pixel_values"]).logits
-                loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=config.label_smoothing)
+                loss = task.loss(model, batch)
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and config.max_grad_norm:
@@ -627,7 +778,8 @@ def train(config: TrainConfig) -> dict[str, float]:
         _verify_replicas(accelerator, model, output_dir)
     accelerator.end_training()
     if metrics:
-        metrics = {**metrics, "best/top1": progress.best_top1, "best/step": progress.best_step}
+        best_key = "best/" + task.best_metric.split("/", 1)[1]  # best/top1 or best/mean_iou
+        metrics = {**metrics, best_key: progress.best_metric, "best/step": progress.best_step}
     return metrics
 
 
@@ -722,4 +874,5 @@ if __name__ == "__main__":
     main(sys.argv[1:])
 
 
-__all__ = ["TrainConfig", "add_parser", "main", "save_checkpoint", "train"]
+__all__ = ["ClassificationTask", "SegmentationTask", "TrainConfig", "add_parser", "main", "make_task",
+           "save_checkpoint", "train"]

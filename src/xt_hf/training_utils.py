@@ -6,6 +6,12 @@ A `datasets` image dataset goes through three steps:
     batch = RegionPaddingCollator(region_size)(examples)        # pad mixed sizes to one region multiple
     metrics = compute_metrics(EvalPrediction(logits, labels))   # top-1 / top-5 accuracy
 
+and a segmentation dataset of (image, mask) pairs through the same three:
+
+    dataset = prepare_segmentation_dataset(dataset, processor, num_labels=3)   # masks checked with their images
+    batch = SegmentationPaddingCollator(region_size)(examples)                # masks padded with the ignore index
+    metrics = compute_segmentation_metrics(EvalPrediction(class_maps, masks), num_labels=3)   # mean IoU
+
 Every error raised for bad data names the sample: its index in the dataset and, where the dataset knows
 it, the image file.
 """
@@ -13,6 +19,8 @@ it, the image file.
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -142,7 +150,7 @@ class XTTransform:
             image = self.augment(image)
         return image
 
-    def _pixel_values(self, image: Image.Image, name: str) -> torch.Tensor:
+    def _pixel_values(self, image: Image.Image, name: str, **processor_options) -> torch.Tensor:
         region = self.processor.region_size
         width, height = image.size
         if not self.processor.do_resize and (height < region or width < region):
@@ -152,7 +160,7 @@ class XTTransform:
                 f"smaller region_size."
             )
         try:
-            return self.processor(image, return_tensors="pt")["pixel_values"][0]
+            return self.processor(image, return_tensors="pt", **processor_options)["pixel_values"][0]
         except ValueError as error:
             raise BadSampleError(f"{name}: {error}") from error
 
@@ -272,6 +280,313 @@ def compute_metrics(eval_prediction) -> dict[str, float]:
     return {"top1": top_k_accuracy(logits, labels, 1), "top5": top_k_accuracy(logits, labels, 5)}
 
 
+# --------------------------------------------------------------------------------------------------------
+# Semantic segmentation: (image, mask) pairs
+
+
+class XTSegmentationTransform(XTTransform):
+    """The `set_transform` function for (image, mask) pairs: decode both, check the mask against its image and
+    the class list, run the image processor (unpadded) and resize the mask along with the image.
+
+    Returns `pixel_values` `(channels, h, w)` and `labels` `(h, w)` int64 per sample, of the same size;
+    `SegmentationPaddingCollator` pads both to whole regions.
+
+    Args:
+        processor: an `XTImageProcessor`. With `do_resize`, masks are resized with nearest-neighbour.
+        num_labels: classes of the model; a mask id ≥ `num_labels` (other than `ignore_index`) is an error.
+        ignore_index: the unlabelled value (`XTConfig.semantic_loss_ignore_index`, 255 by default).
+        image_column, mask_column: dataset columns. A mask is an image of class ids (mode L, P or I) or a
+            2-D array.
+        augment: optional `(PIL image, PIL mask) -> (PIL image, PIL mask)` applied before the processor
+            (geometric transforms must move both alike).
+    """
+
+    def __init__(
+        self,
+        processor,
+        *,
+        num_labels: int,
+        ignore_index: int = 255,
+        image_column: str = "image",
+        mask_column: str = "mask",
+        augment: Callable[[Image.Image, Image.Image], tuple[Image.Image, Image.Image]] | None = None,
+        convert_rgb: bool = True,
+    ):
+        super().__init__(processor, image_column=image_column, label_column=None, convert_rgb=convert_rgb)
+        self.num_labels = num_labels
+        self.ignore_index = ignore_index
+        self.mask_column = mask_column
+        self.joint_augment = augment
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        images, masks = batch[self.image_column], batch[self.mask_column]
+        indices = batch.get(SAMPLE_INDEX_COLUMN, [None] * len(images))
+        output = {"pixel_values": [], "labels": []}
+        for image, mask, index in zip(images, masks, indices):
+            name = _sample_name(index, image)
+            pil_image = self._decode(image, name)
+            mask = self._decode_mask(mask, name)
+            if mask.shape != (pil_image.height, pil_image.width):
+                raise BadSampleError(
+                    f"{name}: its mask is {mask.shape[0]}×{mask.shape[1]} px (height×width) but its image is "
+                    f"{pil_image.height}×{pil_image.width} px; a mask must label every pixel of its image."
+                )
+            self._check_class_ids(mask, name)
+            if self.joint_augment is not None:
+                pil_image, pil_mask = self.joint_augment(pil_image, Image.fromarray(mask.astype(np.int32)))
+                mask = np.asarray(pil_mask, dtype=np.int64)
+            pixel_values = self._pixel_values(pil_image, name, do_pad=False)
+            if mask.shape != tuple(pixel_values.shape[-2:]):  # do_resize: nearest keeps ids whole
+                resized = Image.fromarray(mask.astype(np.int32)).resize(
+                    (pixel_values.shape[-1], pixel_values.shape[-2]), resample=Image.NEAREST)
+                mask = np.asarray(resized, dtype=np.int64)
+            output["pixel_values"].append(pixel_values)
+            output["labels"].append(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64)))
+        return output
+
+    def _decode_mask(self, mask: Any, name: str) -> np.ndarray:
+        """A mask cell (image, file, bytes, array or nested lists) → `(height, width)` int64 class ids."""
+        try:
+            if isinstance(mask, Mapping):
+                source = io.BytesIO(mask["bytes"]) if mask.get("bytes") is not None else mask["path"]
+                mask = Image.open(source)
+            elif isinstance(mask, str):
+                mask = Image.open(mask)
+            if isinstance(mask, Image.Image):
+                mask.load()
+                if mask.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
+                    raise BadSampleError(
+                        f"{name}: its mask is a {mask.mode} image; a mask must hold one class id per pixel "
+                        f"(mode L, P or I, or a 2-D array), not colours."
+                    )
+                mask = np.asarray(mask)
+            array = mask.numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        except BadSampleError:
+            raise
+        except Exception as error:
+            raise BadSampleError(f"{name}: cannot decode the mask ({type(error).__name__}: {error}).") from error
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim != 2:
+            raise BadSampleError(f"{name}: its mask has shape {array.shape}; a mask must be (height, width) class ids.")
+        if array.dtype.kind == "f":
+            if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+                raise BadSampleError(f"{name}: its mask holds non-integer values; a mask must hold class ids.")
+        elif array.dtype.kind not in "iub":
+            raise BadSampleError(f"{name}: its mask has dtype {array.dtype}; a mask must hold integer class ids.")
+        return array.astype(np.int64)
+
+    def _check_class_ids(self, mask: np.ndarray, name: str) -> None:
+        ids = np.unique(mask)
+        bad = ids[((ids < 0) | (ids >= self.num_labels)) & (ids != self.ignore_index)]
+        if len(bad):
+            shown = ", ".join(str(int(i)) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+            raise BadSampleError(
+                f"{name}: its mask holds class ids {shown}, outside the model's {self.num_labels} classes "
+                f"(0–{self.num_labels - 1}, and {self.ignore_index} for unlabelled pixels): fix the mask, or train a "
+                f"model with more classes (num_labels)."
+            )
+
+
+def prepare_segmentation_dataset(
+    dataset,
+    processor,
+    *,
+    num_labels: int,
+    ignore_index: int = 255,
+    image_column: str | None = None,
+    mask_column: str = "mask",
+    augment: Callable[[Image.Image, Image.Image], tuple[Image.Image, Image.Image]] | None = None,
+):
+    """Attach an `XTSegmentationTransform` to a `datasets.Dataset` of (image, mask) pairs; returns the new dataset.
+
+    As `prepare_dataset`: `Image` columns are read undecoded and decoded by the transform, and a sample-index
+    column is added, so that every bad sample is reported by index (and file). Use `remove_unused_columns=False`
+    with `Trainer`.
+    """
+    from datasets import Image as ImageFeature
+
+    if mask_column not in dataset.column_names:
+        raise ValueError(f"The dataset has no mask column {mask_column!r}; its columns are {dataset.column_names}.")
+    if image_column is None:
+        image_column = next((name for name, feature in dataset.features.items()
+                             if isinstance(feature, ImageFeature) and name != mask_column), None)
+    image_column = find_image_column(dataset, image_column)
+    for column in (image_column, mask_column):
+        if isinstance(dataset.features[column], ImageFeature):
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+    if SAMPLE_INDEX_COLUMN not in dataset.column_names:
+        dataset = dataset.add_column(SAMPLE_INDEX_COLUMN, np.arange(len(dataset)))
+    dataset.set_transform(XTSegmentationTransform(
+        processor, num_labels=num_labels, ignore_index=ignore_index, image_column=image_column,
+        mask_column=mask_column, augment=augment,
+    ))
+    return dataset
+
+
+class SegmentationPaddingCollator:
+    """Stack (image, mask) samples of different sizes: pad each `(C, H_i, W_i)` image with `pad_value` and its
+    `(H_i, W_i)` mask with `ignore_index`, at the bottom and right, to the batch's largest height and width
+    rounded up to whole regions. The padding is then never scored by the loss or the metrics.
+
+    Returns `{"pixel_values": (batch, C, H, W) float32, "labels": (batch, H, W) int64}`.
+    """
+
+    def __init__(self, region_size: int, pad_value: float = 0.0, ignore_index: int = 255):
+        self.region_size = region_size
+        self.pad_value = pad_value
+        self.ignore_index = ignore_index
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        pixel_values = [torch.as_tensor(example["pixel_values"]) for example in examples]
+        masks = [torch.as_tensor(example["labels"]) for example in examples]
+        region = self.region_size
+        height = -(-max(p.shape[-2] for p in pixel_values) // region) * region
+        width = -(-max(p.shape[-1] for p in pixel_values) // region) * region
+
+        def pad(tensor: torch.Tensor, value: float) -> torch.Tensor:
+            return F.pad(tensor, (0, width - tensor.shape[-1], 0, height - tensor.shape[-2]), value=value)
+
+        return {
+            "pixel_values": torch.stack([pad(p, self.pad_value) for p in pixel_values]).float(),
+            "labels": torch.stack([pad(m.long(), self.ignore_index) for m in masks]),
+        }
+
+
+def logits_to_class_maps(logits: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Segmentation logits `(batch, classes, h, w)` → class maps `(batch, H, W)`, upsampled (bilinear, as the
+    model's loss does) to `size` when the logits are at a coarser stride (`decoder_output_stride > 1`)."""
+    if size is not None and tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return logits.argmax(dim=1)
+
+
+def confusion_matrix(
+    predictions: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    num_labels: int,
+    ignore_index: int = 255,
+    *,
+    per_sample: bool = False,
+) -> torch.Tensor:
+    """Pixel counts `(num_labels, num_labels)`, `[true class, predicted class]`, over pixels whose label is a
+    class (not `ignore_index`, not negative: Trainer pads with -100). With `per_sample`, one matrix per image of
+    the batch, `(batch, num_labels, num_labels)`, so that duplicated samples can be dropped after a gather.
+
+    A labelled pixel predicted outside `[0, num_labels)` is an error.
+    """
+    predictions = predictions if isinstance(predictions, torch.Tensor) else torch.as_tensor(np.asarray(predictions))
+    labels = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    labels = labels.to(predictions.device)
+    if predictions.shape != labels.shape:
+        raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} differ in shape.")
+    predictions, labels = predictions.long(), labels.long()
+    labelled = (labels != ignore_index) & (labels >= 0)
+    if (labels[labelled] >= num_labels).any():
+        raise ValueError(f"labels hold ids ≥ num_labels ({num_labels}) other than ignore_index ({ignore_index}).")
+    if ((predictions[labelled] < 0) | (predictions[labelled] >= num_labels)).any():
+        raise ValueError(f"predictions hold ids outside [0, {num_labels}) at labelled pixels.")
+    cells = num_labels * num_labels
+    code = labels * num_labels + predictions
+    if not per_sample:
+        return torch.bincount(code[labelled], minlength=cells).reshape(num_labels, num_labels)
+    batch = labels.shape[0]
+    sample = torch.arange(batch, device=labels.device).view(-1, *([1] * (labels.dim() - 1))).expand_as(labels)
+    code = sample * cells + code
+    return torch.bincount(code[labelled], minlength=batch * cells).reshape(batch, num_labels, num_labels)
+
+
+def metrics_from_confusion(confusion: np.ndarray | torch.Tensor) -> dict[str, Any]:
+    """IoU and accuracy from a `[true, predicted]` confusion matrix, with the keys and conventions of
+    `evaluate`'s `mean_iou`: a class absent from both labels and predictions has IoU NaN, one absent from the
+    labels has accuracy NaN; means skip NaNs.
+
+    Returns `mean_iou`, `mean_accuracy`, `overall_accuracy` (pixel accuracy), `per_category_iou` and
+    `per_category_accuracy` (arrays of `num_labels`).
+    """
+    confusion = np.asarray(confusion.cpu() if isinstance(confusion, torch.Tensor) else confusion, dtype=np.float64)
+    intersection = np.diag(confusion)
+    area_label = confusion.sum(axis=1)
+    area_prediction = confusion.sum(axis=0)
+    union = area_label + area_prediction - intersection
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = intersection / union
+        accuracy = intersection / area_label
+        overall = intersection.sum() / area_label.sum()
+    with warnings.catch_warnings():  # all-NaN (nothing labelled) gives NaN, without "Mean of empty slice"
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {"mean_iou": float(np.nanmean(iou)), "mean_accuracy": float(np.nanmean(accuracy)),
+                "overall_accuracy": float(overall), "per_category_iou": iou, "per_category_accuracy": accuracy}
+
+
+def mean_iou(
+    predictions: np.ndarray | torch.Tensor | Sequence,
+    references: np.ndarray | torch.Tensor | Sequence,
+    num_labels: int,
+    ignore_index: int = 255,
+) -> dict[str, Any]:
+    """Mean IoU over a dataset, as `evaluate.load("mean_iou").compute(...)` gives it, computed locally.
+
+    `predictions` and `references` are class maps: one `(batch, H, W)` array or a sequence of `(H_i, W_i)`
+    maps of any sizes. Intersections and unions are summed over every pixel of every image before dividing
+    (a dataset-level IoU, not a mean of per-image IoUs). `evaluate`'s own metric fetches its script from the
+    Hub, which fails offline and on clusters without internet.
+    """
+    if isinstance(predictions, np.ndarray | torch.Tensor):
+        predictions, references = [predictions], [references]
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references.")
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
+    for prediction, reference in zip(predictions, references):
+        confusion += confusion_matrix(prediction, reference, num_labels, ignore_index).cpu()
+    return metrics_from_confusion(confusion)
+
+
+def compute_segmentation_metrics(
+    eval_prediction,
+    *,
+    num_labels: int | None = None,
+    ignore_index: int = 255,
+    id2label: Mapping[int, str] | None = None,
+) -> dict[str, float]:
+    """`Trainer`'s `compute_metrics` for segmentation: `mean_iou`, `mean_accuracy`, `overall_accuracy` and one
+    `iou_<class>` per class (scalars, so that every logger takes them).
+
+    Predictions are logits `(n, classes, h, w)` or, better, class maps `(n, H, W)` from
+    `preprocess_logits_for_metrics=segmentation_predictions` (the Trainer then keeps one integer per pixel
+    instead of every logit). Bind the settings with `functools.partial(compute_segmentation_metrics,
+    num_labels=..., ignore_index=...)`; `num_labels` is read off logits when not given.
+    """
+    predictions = eval_prediction.predictions
+    if isinstance(predictions, tuple):
+        predictions = predictions[0]
+    labels = torch.as_tensor(np.asarray(eval_prediction.label_ids))
+    predictions = torch.as_tensor(np.asarray(predictions))
+    if predictions.dim() == labels.dim() + 1:  # logits
+        num_labels = num_labels or predictions.shape[1]
+        predictions = logits_to_class_maps(predictions, labels.shape[-2:])
+    if num_labels is None:
+        raise ValueError("Pass num_labels to compute_segmentation_metrics when predictions are class maps.")
+    metrics = metrics_from_confusion(confusion_matrix(predictions, labels, num_labels, ignore_index))
+    names = [str(id2label[i]) if id2label else str(i) for i in range(num_labels)]
+    result = {key: metrics[key] for key in ("mean_iou", "mean_accuracy", "overall_accuracy")}
+    for name, iou in zip(names, metrics["per_category_iou"]):
+        result[f"iou_{_metric_name(name)}"] = float(iou)
+    return result
+
+
+def segmentation_predictions(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tensor:
+    """`Trainer`'s `preprocess_logits_for_metrics`: per-batch logits → class maps at the labels' size."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits_to_class_maps(logits, labels.shape[-2:])
+
+
+def _metric_name(name: str) -> str:
+    """A class name as a metric-key suffix: "near-shore vessel" → "near_shore_vessel"."""
+    return re.sub(r"\W+", "_", name).strip("_") or "class"
+
+
 def _sample_name(index: Any, image: Any) -> str:
     """"Sample 17 (path/to/file.jpg)", or "Sample 17" when the dataset holds no path."""
     path = image.get("path") if isinstance(image, Mapping) else image if isinstance(image, str) else None
@@ -283,12 +598,21 @@ def _sample_name(index: Any, image: Any) -> str:
 __all__ = [
     "BadSampleError",
     "RegionPaddingCollator",
+    "SegmentationPaddingCollator",
+    "XTSegmentationTransform",
     "XTTransform",
     "compute_metrics",
+    "compute_segmentation_metrics",
+    "confusion_matrix",
     "dataset_label_names",
     "find_image_column",
     "has_named_labels",
     "infer_id2label",
+    "logits_to_class_maps",
+    "mean_iou",
+    "metrics_from_confusion",
     "prepare_dataset",
+    "prepare_segmentation_dataset",
+    "segmentation_predictions",
     "top_k_accuracy",
 ]
