@@ -287,3 +287,17 @@ def test_image_smaller_than_a_region_error_names_the_sample(saved_dataset, model
     with pytest.raises(BadSampleError, match=message):  # the script surfaces the same error
         main(script_arguments(folder, model_config_file, tmp_path / "run", max_steps=2, batch_size=6,
                               checkpointing_steps=None))
+
+
+def test_fine_tuning_guide_lists_every_training_setting():
+    import dataclasses
+    import re
+
+    from conftest import REPO_ROOT
+
+    from xt_hf.train import TrainConfig
+
+    guide = (REPO_ROOT / "docs" / "fine-tuning.md").read_text()
+    documented = set(re.findall(r"^\| `(\w+)` \|", guide, flags=re.M))
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in documented]
+    assert not missing, f"docs/fine-tuning.md's settings table lacks {missing}"
