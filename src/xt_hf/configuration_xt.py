@@ -55,9 +55,10 @@ class XTConfig(PreTrainedConfig):
             Width of the gated MLP of attention blocks relative to `context_hidden_size`.
         context_token_chunk_size (`int`, defaults to 16384):
             Without gradients, attention blocks run their per-token layers (norm, gated MLP) over this many
-            tokens at a time, in place, so that a block's peak memory holds a few copies of the token
-            states instead of the MLP's `2 · context_mlp_ratio`-fold widening of all of them. Outputs are
-            unchanged (up to float summation order inside matrix products).
+            tokens at a time, in place, so that the MLP's `2 · context_mlp_ratio`-fold widening never covers all
+            tokens at once. Outputs are unchanged (up to float summation order inside matrix products). Measured
+            (`benchmarks/context_memory.py`): the context encoder's peak does not drop with it at 4k-65k tokens,
+            because the attention step's temporaries are larger still (docs/gigapixel.md).
         context_attention_causal (`bool`, defaults to `True`):
             Causal self-attention over the token sequence. *(released "hyper": True; "naive": False.)*
         context_attention_scale (`float`, *optional*):
