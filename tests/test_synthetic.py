@@ -100,3 +100,28 @@ def test_evaluate_model_scores_a_saved_classifier_on_a_split(tmp_path):
         expected[sample.label, guess] += 1
     assert report["confusion"] == expected.tolist()
     assert report["samples"] == 5 and report["top1"] == pytest.approx(np.trace(expected) / 5)
+
+
+def test_a_changed_generator_never_returns_cached_old_data(tmp_path):
+    """`datasets` caches generated splits by fingerprint: the generator's code is part of it."""
+    from datasets import Features, Value
+
+    from xt_hf.synthetic_datasets import generated_splits
+
+    generator = tmp_path / "generator.py"
+    features = Features({"value": Value("int64")})
+
+    def build(offset):
+        return generated_splits("fingerprint-test", generator, {"train": 3}, features,
+                                lambda rng: {"value": int(rng.integers(100)) + offset}, seed=0, settings=())
+
+    generator.write_text("version = 1\n")
+    first = build(0)["train"]["value"]
+    generator.write_text("version = 2\n")
+    changed = build(1000)["train"]["value"]
+    assert [value - 1000 for value in changed] == first
+
+
+def test_unknown_split_names_the_choices():
+    with pytest.raises(ValueError, match="demo.*test.*train.*validation"):
+        sample_rng(0, "holdout", 0)

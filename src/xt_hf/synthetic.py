@@ -33,12 +33,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .synthetic_datasets import generated_splits, sample_rng
+
 LABELS = ("above-left", "above-right", "below-left", "below-right")
 RED = (220, 30, 30)
 BLUE = (30, 50, 220)
 # Distractor colours: far from both marker colours, so that colour alone tells a marker apart.
 CLUTTER_COLOURS = ((40, 170, 60), (235, 215, 40), (245, 245, 245), (20, 20, 20), (20, 160, 160), (150, 150, 150))
-SPLIT_IDS = {"train": 0, "test": 1, "validation": 2, "demo": 3}
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,6 @@ def generate_sample(
     )
 
 
-def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    """The generator of sample `index` of `split`: any sample can be regenerated on its own."""
-    return np.random.default_rng([seed, SPLIT_IDS[split], index])
-
-
 def generate_dataset(
     num_train: int,
     num_test: int,
@@ -152,25 +148,17 @@ def generate_dataset(
 
     `sample_options` go to `generate_sample` (marker and clutter sizes, markers per colour).
     """
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from datasets import ClassLabel, Features, Image
 
-    features = Features({"image": Image(), "label": ClassLabel(names=list(LABELS))})
+    def make_row(rng: np.random.Generator) -> dict:
+        sample = generate_sample(rng, image_size=image_size, region_size=region_size, **sample_options)
+        return {"image": sample.image, "label": sample.label}
 
-    def split(name: str, size: int) -> Dataset:
-        def rows():
-            for index in range(size):
-                sample = generate_sample(sample_rng(seed, name, index), image_size=image_size,
-                                         region_size=region_size, **sample_options)
-                yield {"image": sample.image, "label": sample.label}
-
-        # `from_list` would hold every decoded image in memory; a generator streams them to Arrow.
-        return Dataset.from_generator(
-            rows, features=features, keep_in_memory=False,
-            fingerprint=f"xt-relations-{name}-{size}-{seed}-{image_size}-{region_size}-{sorted(sample_options.items())}",
-        )
-
-    sizes = {"train": num_train, "validation": num_validation, "test": num_test}
-    return DatasetDict({name: split(name, size) for name, size in sizes.items() if size or name != "validation"})
+    return generated_splits(
+        "relations", __file__, {"train": num_train, "validation": num_validation, "test": num_test},
+        Features({"image": Image(), "label": ClassLabel(names=list(LABELS))}), make_row,
+        seed=seed, settings=(image_size, region_size, sorted(sample_options.items())),
+    )
 
 
 def _cell(image: np.ndarray, region: tuple[int, int], region_size: int) -> np.ndarray:
