@@ -190,6 +190,37 @@ def test_fused_inference_path_matches_the_plain_autograd_path(length):
     torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads_at_once", [1, 3])
+def test_heads_at_a_time_replay_the_all_heads_approximation(causal, heads_at_once):
+    # Same projections and the same residual samples per head: only float rounding may differ.
+    query, key, value = random_qkv(length=300)  # not a power of two: padding at every causal level
+    with torch.no_grad():
+        together = hyper_attention(query, key, value, scale=SCALE, causal=causal, **SMALL)
+        apart = hyper_attention(query, key, value, scale=SCALE, causal=causal, heads_at_once=heads_at_once, **SMALL)
+    torch.testing.assert_close(apart, together, rtol=1e-5, atol=1e-6)
+    exact = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=SCALE)
+    assert not torch.allclose(together, exact, atol=1e-3), "the test must exercise the approximate path"
+
+
+def test_heads_at_a_time_leave_a_given_generator_as_the_all_heads_call_does():
+    query, key, value = random_qkv(length=300)
+    together, apart = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        hyper_attention(query, key, value, scale=SCALE, causal=True, generator=together, **SMALL)
+        hyper_attention(query, key, value, scale=SCALE, causal=True, generator=apart, heads_at_once=1, **SMALL)
+    assert torch.equal(together.get_state(), apart.get_state())
+
+
+def test_inference_runs_hyper_attention_one_head_at_a_time_with_the_training_numbers():
+    model = XTForImageClassification(hyper_model_config()).eval()
+    pixel_values = torch.randn(1, 3, REGION, 2 * REGION)
+    with_autograd = model(pixel_values).logits
+    with torch.inference_mode():
+        head_by_head = model(pixel_values).logits
+    torch.testing.assert_close(head_by_head, with_autograd, rtol=1e-5, atol=1e-6)
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest number of elements any operation produces."""
 
@@ -221,6 +252,8 @@ def test_invalid_arguments_raise_a_clear_error():
         hyper_attention(query, key[:, :, :4], value, scale=SCALE, causal=True)
     with pytest.raises(ValueError, match="block_size"):
         hyper_attention(query, key, value, scale=SCALE, causal=True, block_size=0)
+    with pytest.raises(ValueError, match="heads_at_once"):
+        hyper_attention(*random_qkv(length=100), scale=SCALE, causal=True, heads_at_once=0, **SMALL)
 
 
 # ---- in the model ------------------------------------------------------------------------------

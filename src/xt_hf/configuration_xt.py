@@ -57,8 +57,8 @@ class XTConfig(PreTrainedConfig):
             Without gradients, attention blocks run their per-token layers (norm, gated MLP) over this many
             tokens at a time, in place, so that the MLP's `2 · context_mlp_ratio`-fold widening never covers all
             tokens at once. Outputs are unchanged (up to float summation order inside matrix products). Measured
-            (`benchmarks/context_memory.py`): the context encoder's peak does not drop with it at 4k-65k tokens,
-            because the attention step's temporaries are larger still (docs/gigapixel.md).
+            (`benchmarks/context_memory.py`, docs/gigapixel.md): with HyperAttention run head by head, it cuts
+            the released encoder's peak over 65,536 tokens from 3.55 to 2.25 GB.
         context_attention_causal (`bool`, defaults to `True`):
             Causal self-attention over the token sequence. *(released "hyper": True; "naive": False.)*
         context_attention_scale (`float`, *optional*):

@@ -72,6 +72,8 @@ class XTSelfAttention(nn.Module):
                 query, key, value, scale=self.scale, causal=self.is_causal,
                 lsh_num_projs=self.config.hyper_lsh_num_projs, block_size=self.config.hyper_block_size,
                 sample_size=self.config.hyper_sample_size, min_seq_len=self.config.hyper_min_seq_len,
+                # Without autograd, one head at a time: the approximation's temporaries then cover one head.
+                heads_at_once=None if torch.is_grad_enabled() else 1,
             ).transpose(1, 2)
             weights = None
         elif implementation == "eager":

@@ -97,6 +97,7 @@ def hyper_attention(
     sample_size: int = 256,
     min_seq_len: int = 4096,
     generator: torch.Generator | None = None,
+    heads_at_once: int | None = None,
 ) -> torch.Tensor:
     """Softmax attention on `(batch, heads, L, head_dim)`, approximated by HyperAttention when `L > min_seq_len`.
 
@@ -105,6 +106,11 @@ def hyper_attention(
     it, LSH-sorted block-diagonal attention plus a uniformly sampled residual (see the module docstring),
     with memory O(L · block_size). `generator` drives the projections and the sampling; `None` means a fresh
     CPU generator seeded with `HYPER_ATTENTION_SEED`, so repeated calls give identical outputs.
+
+    `heads_at_once` computes the approximation for that many heads at a time, so that its temporaries
+    (sorted copies, block scores) cover a few heads instead of all of them. The random draws are those of
+    the all-heads call, so the result is the same up to float rounding; use it without autograd, which
+    would keep every head's temporaries for the backward pass anyway.
     """
     if query.dim() != 4 or key.shape != query.shape or value.dim() != 4 or value.shape[:3] != key.shape[:3]:
         raise ValueError(
@@ -119,21 +125,37 @@ def hyper_attention(
     if query.shape[2] <= min_seq_len:
         return F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scale)
 
+    if heads_at_once is not None and heads_at_once < 1:
+        raise ValueError(f"`heads_at_once` must be None or ≥ 1, got {heads_at_once}.")
+
     if generator is None:
         generator = torch.Generator().manual_seed(HYPER_ATTENTION_SEED)
-    approximation = _Approximation(
-        lsh=AngularLSH(lsh_num_projs, query.shape[-1], generator=generator),
-        generator=generator,
-        scale=query.shape[-1] ** -0.5 if scale is None else scale,
-        block_size=block_size,
-        sample_size=sample_size,
-        min_seq_len=min_seq_len,
-    )
-    if causal:
-        output, _ = _causal_attention_with_lse(query, key, value, approximation)
-    else:
-        output, _ = _hyper_attention_with_lse(query, key, value, approximation)
-    return output.to(query.dtype)
+    initial_state = generator.get_state()
+    heads = query.shape[1]
+    step = min(heads_at_once or heads, heads)
+    output = None
+    for start in range(0, heads, step):
+        # Every head group replays the random stream from the start: the same projections, and it draws the
+        # residual's samples for all heads and keeps its own, exactly as the all-heads call would.
+        generator.set_state(initial_state)
+        approximation = _Approximation(
+            lsh=AngularLSH(lsh_num_projs, query.shape[-1], generator=generator),
+            generator=generator,
+            scale=query.shape[-1] ** -0.5 if scale is None else scale,
+            block_size=block_size,
+            sample_size=sample_size,
+            min_seq_len=min_seq_len,
+            heads=(start, min(start + step, heads), heads),
+        )
+        group = slice(start, start + step)
+        attend = _causal_attention_with_lse if causal else _hyper_attention_with_lse
+        part, _ = attend(query[:, group], key[:, group], value[:, group], approximation)
+        if step == heads:
+            return part.to(query.dtype)
+        if output is None:
+            output = query.new_empty(*query.shape[:3], value.shape[-1])
+        output[:, group] = part
+    return output
 
 
 @dataclass(frozen=True)
@@ -146,6 +168,9 @@ class _Approximation:
     block_size: int
     sample_size: int
     min_seq_len: int
+    # (first, stop, total): the call computes heads first..stop-1 of `total`. Inside causal attention a
+    # head is split into 2^k independent halves at depth k, so there the group spans (first, stop) · 2^k.
+    heads: tuple[int, int, int]
 
 
 def _causal_attention_with_lse(query, key, value, approx: _Approximation) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,8 +254,11 @@ def _sampled_residual_attention(query, key, value, query_block, approx: _Approxi
     batch, heads, num_queries, _ = query.shape
     num_keys = key.shape[2]
     generator = approx.generator
-    drawn = torch.randint(num_keys, (batch, heads, approx.sample_size), generator=generator, device=generator.device)
-    drawn = drawn.to(query.device)
+    first, stop, total = approx.heads
+    split = heads // (stop - first)  # 2^depth of the causal recursion
+    drawn = torch.randint(num_keys, (batch, total * split, approx.sample_size), generator=generator,
+                          device=generator.device)
+    drawn = drawn[:, first * split : stop * split].to(query.device)
     query_blocks = torch.arange(num_queries, device=query.device) // query_block
     same_block = query_blocks.view(1, 1, -1, 1) == (drawn // approx.block_size).unsqueeze(2)
     output, lse = _attention_with_lse(query, _take(key, drawn), _take(value, drawn), scale=approx.scale,
