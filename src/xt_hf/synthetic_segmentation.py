@@ -30,14 +30,13 @@ from the finite list of admissible grid points, shuffled once.
 from __future__ import annotations
 
 import argparse
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from .synthetic_datasets import generated_splits, sample_rng
+
 LABELS = ("background", "near-shore vessel", "offshore vessel")
-SPLIT_IDS = {"train": 0, "test": 1, "validation": 2}
 SEA = (25, 70, 120)
 LAND = (120, 140, 70)
 VESSEL = (235, 235, 225)
@@ -169,11 +168,6 @@ def _rotate_point(point: tuple[float, float], size: int, turns: int) -> tuple[fl
     return float(row), float(col)
 
 
-def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    """The generator of sample `index` of `split`: any sample can be regenerated on its own."""
-    return np.random.default_rng([seed, SPLIT_IDS[split], index])
-
-
 def generate_dataset(
     num_train: int,
     num_test: int,
@@ -187,31 +181,17 @@ def generate_dataset(
     """A `datasets.DatasetDict` with `train`, `test` (and `validation` when `num_validation > 0`) splits:
     `image` (RGB PNG) and `mask` (mode-L PNG of class ids, `LABELS`). `sample_options` go to `generate_sample`.
     """
-    from datasets import Dataset, DatasetDict, Features, Image
+    from datasets import Features, Image
 
-    features = Features({"image": Image(), "mask": Image()})
-    # `datasets` reuses a cached split with the same fingerprint: this file's hash makes a changed generator
-    # write new data instead of returning what the old one made.
-    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    def make_row(rng: np.random.Generator) -> dict:
+        sample = generate_sample(rng, image_size=image_size, region_size=region_size, **sample_options)
+        return {"image": sample.image, "mask": sample.mask}
 
-    def split(name: str, count: int) -> Dataset:
-        def rows():
-            for index in range(count):
-                sample = generate_sample(sample_rng(seed, name, index), image_size=image_size,
-                                         region_size=region_size, **sample_options)
-                yield {"image": sample.image, "mask": sample.mask}
-
-        return Dataset.from_generator(
-            rows, features=features, keep_in_memory=False,
-            fingerprint=f"xt-coastline-{code}-{name}-{count}-{seed}-{image_size}-{region_size}-"
-                        f"{sorted(sample_options.items())}",
-        )
-
-    splits = {"train": split("train", num_train)}
-    if num_validation:
-        splits["validation"] = split("validation", num_validation)
-    splits["test"] = split("test", num_test)
-    return DatasetDict(splits)
+    return generated_splits(
+        "coastline", __file__, {"train": num_train, "validation": num_validation, "test": num_test},
+        Features({"image": Image(), "mask": Image()}), make_row,
+        seed=seed, settings=(image_size, region_size, sorted(sample_options.items())),
+    )
 
 
 def evaluate_saved_model(
