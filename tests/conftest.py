@@ -57,3 +57,21 @@ def tiny_config(family: str = "swinv2", **overrides):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each in-process training run gets its own Accelerate state, as a new process would."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def train_script_arguments(dataset, model, output_dir, settings: dict) -> list[str]:
+    """Command-line arguments of `xt_hf.train` for these paths, each setting as `--set key=value`."""
+    arguments = ["--model", str(model), "--dataset", str(dataset), "--output-dir", str(output_dir)]
+    for key, value in settings.items():
+        arguments += ["--set", f"{key}={'null' if value is None else value}"]
+    return arguments

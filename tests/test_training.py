@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REGION, REPO_ROOT, tiny_config
+from conftest import REGION, REPO_ROOT, tiny_config, train_script_arguments
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -71,23 +71,10 @@ def model_config_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Each in-process run gets its own Accelerate state, as a new process would."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def script_arguments(dataset, model, output_dir, **settings) -> list[str]:
     settings = {"batch_size": 4, "learning_rate": 3e-3, "num_workers": 0, "logging_steps": 1, "warmup_steps": 0,
                 "label_smoothing": 0.0, **settings}
-    arguments = ["--model", str(model), "--dataset", str(dataset), "--output-dir", str(output_dir)]
-    for key, value in settings.items():
-        arguments += ["--set", f"{key}={'null' if value is None else value}"]
-    return arguments
+    return train_script_arguments(dataset, model, output_dir, settings)
 
 
 def logged_losses(output_dir) -> list[float]:

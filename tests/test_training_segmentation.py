@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import REGION, tiny_backbone_config, tiny_config
+from conftest import REGION, tiny_backbone_config, tiny_config, train_script_arguments
 from safetensors.torch import load_file
 
 from xt_hf import XTForSemanticSegmentation, XTImageProcessor
@@ -51,22 +51,10 @@ def segmenter_config_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def script_arguments(dataset, model, output_dir, **settings) -> list[str]:
     settings = {"batch_size": 2, "learning_rate": 1e-2, "lr_scheduler": "constant", "num_workers": 0,
                 "logging_steps": 1, "warmup_steps": 0, **settings}
-    arguments = ["--model", str(model), "--dataset", str(dataset), "--output-dir", str(output_dir)]
-    for key, value in settings.items():
-        arguments += ["--set", f"{key}={'null' if value is None else value}"]
-    return arguments
+    return train_script_arguments(dataset, model, output_dir, settings)
 
 
 def logged(output_dir, key: str) -> list[float]:
