@@ -131,3 +131,17 @@ def test_vessel_scoring_counts_each_vessel_once_by_whether_its_region_shows_land
     # An offshore vessel is ≥ 2.75 regions from land, so its own region (1.42 regions across) never shows land.
     groups = [group for group, _ in perfect]
     assert all(group == "region_shows_no_land" for group, v in zip(groups, sample.vessels) if v.label == 2)
+
+
+def test_command_line_generates_the_vessel_count_it_is_given(tmp_path):
+    from datasets import load_from_disk
+
+    from xt_hf.synthetic_segmentation import main
+
+    main(["--output", str(tmp_path), "--train", "1", "--validation", "0", "--test", "2", "--image-size", "256",
+          "--region-size", "32", "--vessels", "3", "3"])
+    saved = load_from_disk(str(tmp_path))
+    assert {name: len(split) for name, split in saved.items()} == {"train": 1, "test": 2}
+    expected = generate_sample(sample_rng(0, "test", 1), image_size=256, region_size=32, num_vessels=(3, 3))
+    assert len(expected.vessels) == 3
+    np.testing.assert_array_equal(np.asarray(saved["test"][1]["mask"]), expected.mask)

@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--region-size", type=int, default=64)
+    parser.add_argument("--vessels", type=int, nargs=2, metavar=("MIN", "MAX"), default=(6, 12),
+                        help="vessels per image (default 6 12); with --evaluate, the folder's")
     parser.add_argument("--evaluate", metavar="MODEL", help="instead, evaluate a saved model on --split of --data")
     parser.add_argument("--data", help="with --evaluate: the save_to_disk folder")
     parser.add_argument("--split", default="test", help="with --evaluate: the split (default test); --seed, "
@@ -292,13 +294,15 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--evaluate needs --data")
         seed = None if arguments.no_vessel_scores else arguments.seed
         report = evaluate_saved_model(arguments.evaluate, arguments.data, arguments.split, seed=seed,
-                                      image_size=arguments.image_size, region_size=arguments.region_size)
+                                      image_size=arguments.image_size, region_size=arguments.region_size,
+                                      num_vessels=tuple(arguments.vessels))
         print(json.dumps(report, indent=2))
         return
     if not arguments.output:
         parser.error("--output is required")
     dataset = generate_dataset(arguments.train, arguments.test, num_validation=arguments.validation,
-                               seed=arguments.seed, image_size=arguments.image_size, region_size=arguments.region_size)
+                               seed=arguments.seed, image_size=arguments.image_size, region_size=arguments.region_size,
+                               num_vessels=tuple(arguments.vessels))
     dataset.save_to_disk(arguments.output)
     print(dataset)
 
