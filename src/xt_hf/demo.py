@@ -20,17 +20,17 @@ DEMO_SPLIT = "demo"
 
 def load_demo_model():
     """The packaged demo classifier and its image processor, loaded offline like any saved model."""
+    import torch
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as transformers_logging
 
-    from . import XTImageProcessor
+    from .streaming import load_for_inference
 
     if not (DEMO_MODEL / "model.safetensors").is_file():
         raise FileNotFoundError(f"The demo model is missing from the installed package ({DEMO_MODEL}); "
                                 "reinstall xt-hf.")
     transformers_logging.disable_progress_bar()  # a 1.5 MB file needs no loading bar in the demo's output
-    model = AutoModelForImageClassification.from_pretrained(DEMO_MODEL).eval()
-    return model, XTImageProcessor.from_pretrained(DEMO_MODEL)
+    return load_for_inference(AutoModelForImageClassification, str(DEMO_MODEL), "cpu", torch.float32)
 
 
 def add_parser(subparsers) -> None:

@@ -131,12 +131,8 @@ class XTTransform:
 
     def _decode(self, image: Any, name: str) -> Image.Image:
         try:
-            if isinstance(image, Mapping):  # an `Image(decode=False)` cell: {"bytes": ..., "path": ...}
-                source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
-                image = Image.open(source)
-            elif isinstance(image, str):
-                image = Image.open(image)
-            elif isinstance(image, np.ndarray | torch.Tensor | list):  # arrays, or nested lists of pixel values
+            image = _open_file_cell(image)
+            if isinstance(image, np.ndarray | torch.Tensor | list):  # arrays, or nested lists of pixel values
                 array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
                 image = Image.fromarray(array.astype(np.uint8) if array.dtype != np.uint8 else array)
             if not isinstance(image, Image.Image):
@@ -204,13 +200,8 @@ def prepare_dataset(
     each row's index is added, so that a corrupt file is reported with its index and path instead of failing
     inside `datasets`. Use `remove_unused_columns=False` with `Trainer`: the transform needs the raw columns.
     """
-    from datasets import Image as ImageFeature
-
     image_column = find_image_column(dataset, image_column)
-    if isinstance(dataset.features[image_column], ImageFeature):
-        dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
-    if SAMPLE_INDEX_COLUMN not in dataset.column_names:
-        dataset = dataset.add_column(SAMPLE_INDEX_COLUMN, np.arange(len(dataset)))
+    dataset = _undecoded_with_sample_index(dataset, [image_column])
     if label_column is not None and label_column not in dataset.column_names:
         label_column = None
     transform = XTTransform(
@@ -239,18 +230,23 @@ class RegionPaddingCollator:
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         pixel_values = [torch.as_tensor(example["pixel_values"]) for example in examples]
-        region = self.region_size
-        height = -(-max(p.shape[-2] for p in pixel_values) // region) * region
-        width = -(-max(p.shape[-1] for p in pixel_values) // region) * region
-        batch = {
-            "pixel_values": torch.stack([
-                F.pad(p, (0, width - p.shape[-1], 0, height - p.shape[-2]), value=self.pad_value)
-                for p in pixel_values
-            ]).float()
-        }
+        size = self.padded_size(pixel_values)
+        batch = {"pixel_values": pad_bottom_right(pixel_values, size, self.pad_value).float()}
         if "labels" in examples[0]:
             batch["labels"] = torch.tensor([int(example["labels"]) for example in examples], dtype=torch.long)
         return batch
+
+    def padded_size(self, tensors: Sequence[torch.Tensor]) -> tuple[int, int]:
+        """The batch's largest height and width, each rounded up to whole regions."""
+        region = self.region_size
+        return (-(-max(t.shape[-2] for t in tensors) // region) * region,
+                -(-max(t.shape[-1] for t in tensors) // region) * region)
+
+
+def pad_bottom_right(tensors: Sequence[torch.Tensor], size: tuple[int, int], value: float) -> torch.Tensor:
+    """Pad each `(..., h_i, w_i)` tensor at the bottom and right with `value` to `size` and stack them."""
+    height, width = size
+    return torch.stack([F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2]), value=value) for t in tensors])
 
 
 def top_k_accuracy(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, k: int = 1) -> float:
@@ -347,11 +343,7 @@ class XTSegmentationTransform(XTTransform):
     def _decode_mask(self, mask: Any, name: str) -> np.ndarray:
         """A mask cell (image, file, bytes, array or nested lists) → `(height, width)` int64 class ids."""
         try:
-            if isinstance(mask, Mapping):
-                source = io.BytesIO(mask["bytes"]) if mask.get("bytes") is not None else mask["path"]
-                mask = Image.open(source)
-            elif isinstance(mask, str):
-                mask = Image.open(mask)
+            mask = _open_file_cell(mask)
             if isinstance(mask, Image.Image):
                 mask.load()
                 if mask.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
@@ -412,11 +404,7 @@ def prepare_segmentation_dataset(
         image_column = next((name for name, feature in dataset.features.items()
                              if isinstance(feature, ImageFeature) and name != mask_column), None)
     image_column = find_image_column(dataset, image_column)
-    for column in (image_column, mask_column):
-        if isinstance(dataset.features[column], ImageFeature):
-            dataset = dataset.cast_column(column, ImageFeature(decode=False))
-    if SAMPLE_INDEX_COLUMN not in dataset.column_names:
-        dataset = dataset.add_column(SAMPLE_INDEX_COLUMN, np.arange(len(dataset)))
+    dataset = _undecoded_with_sample_index(dataset, [image_column, mask_column])
     dataset.set_transform(XTSegmentationTransform(
         processor, num_labels=num_labels, ignore_index=ignore_index, image_column=image_column,
         mask_column=mask_column, augment=augment,
@@ -424,7 +412,7 @@ def prepare_segmentation_dataset(
     return dataset
 
 
-class SegmentationPaddingCollator:
+class SegmentationPaddingCollator(RegionPaddingCollator):
     """Stack (image, mask) samples of different sizes: pad each `(C, H_i, W_i)` image with `pad_value` and its
     `(H_i, W_i)` mask with `ignore_index`, at the bottom and right, to the batch's largest height and width
     rounded up to whole regions. The padding is then never scored by the loss or the metrics.
@@ -433,24 +421,15 @@ class SegmentationPaddingCollator:
     """
 
     def __init__(self, region_size: int, pad_value: float = 0.0, ignore_index: int = 255):
-        self.region_size = region_size
-        self.pad_value = pad_value
+        super().__init__(region_size, pad_value)
         self.ignore_index = ignore_index
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         pixel_values = [torch.as_tensor(example["pixel_values"]) for example in examples]
-        masks = [torch.as_tensor(example["labels"]) for example in examples]
-        region = self.region_size
-        height = -(-max(p.shape[-2] for p in pixel_values) // region) * region
-        width = -(-max(p.shape[-1] for p in pixel_values) // region) * region
-
-        def pad(tensor: torch.Tensor, value: float) -> torch.Tensor:
-            return F.pad(tensor, (0, width - tensor.shape[-1], 0, height - tensor.shape[-2]), value=value)
-
-        return {
-            "pixel_values": torch.stack([pad(p, self.pad_value) for p in pixel_values]).float(),
-            "labels": torch.stack([pad(m.long(), self.ignore_index) for m in masks]),
-        }
+        masks = [torch.as_tensor(example["labels"]).long() for example in examples]
+        size = self.padded_size(pixel_values)
+        return {"pixel_values": pad_bottom_right(pixel_values, size, self.pad_value).float(),
+                "labels": pad_bottom_right(masks, size, self.ignore_index)}
 
 
 def logits_to_class_maps(logits: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -585,6 +564,29 @@ def segmentation_predictions(logits: torch.Tensor | tuple, labels: torch.Tensor)
 def _metric_name(name: str) -> str:
     """A class name as a metric-key suffix: "near-shore vessel" → "near_shore_vessel"."""
     return re.sub(r"\W+", "_", name).strip("_") or "class"
+
+
+def _open_file_cell(cell: Any) -> Any:
+    """An `Image(decode=False)` cell (`{"bytes": ..., "path": ...}`) or a file path → a lazily opened PIL image;
+    anything else (an image, an array) unchanged."""
+    if isinstance(cell, Mapping):
+        return Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else cell["path"])
+    if isinstance(cell, str):
+        return Image.open(cell)
+    return cell
+
+
+def _undecoded_with_sample_index(dataset, columns: Sequence[str]):
+    """The dataset with its `Image` columns among `columns` read undecoded (the transform decodes them and
+    names the sample when one is corrupt) and a column of each row's index."""
+    from datasets import Image as ImageFeature
+
+    for column in columns:
+        if isinstance(dataset.features[column], ImageFeature):
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+    if SAMPLE_INDEX_COLUMN not in dataset.column_names:
+        dataset = dataset.add_column(SAMPLE_INDEX_COLUMN, np.arange(len(dataset)))
+    return dataset
 
 
 def _sample_name(index: Any, image: Any) -> str:
