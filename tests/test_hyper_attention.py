@@ -203,6 +203,21 @@ def test_heads_at_a_time_replay_the_all_heads_approximation(causal, heads_at_onc
     assert not torch.allclose(together, exact, atol=1e-3), "the test must exercise the approximate path"
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_head_given_its_place_gets_the_all_heads_draws(causal):
+    """`head_range` lets a caller pass one head's q/k/v on its own (projected apart) and still get what the
+    all-heads call computes for that head."""
+    query, key, value = random_qkv(length=300)
+    with torch.no_grad():
+        together = hyper_attention(query, key, value, scale=SCALE, causal=causal, **SMALL)
+        for head in range(query.shape[1]):
+            alone = hyper_attention(*(t[:, head : head + 1] for t in (query, key, value)), scale=SCALE, causal=causal,
+                                    head_range=(head, query.shape[1]), **SMALL)
+            torch.testing.assert_close(alone, together[:, head : head + 1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="head_range"):
+        hyper_attention(query, key, value, scale=SCALE, causal=causal, head_range=(1, query.shape[1]), **SMALL)
+
+
 def test_heads_at_a_time_leave_a_given_generator_as_the_all_heads_call_does():
     query, key, value = random_qkv(length=300)
     together, apart = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)

@@ -228,6 +228,31 @@ def test_token_chunked_inference_matches_the_autograd_forward():
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+LONG_SEQUENCE = dict(context_token_chunk_size=7, context_long_sequence_attention="hyper", hyper_min_seq_len=16,
+                     hyper_block_size=8, hyper_sample_size=8)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("classifier,cls_position", [("context", "last"), ("context", "first"), ("pool", "last")])
+def test_in_place_long_sequence_inference_matches_the_autograd_forward(causal, classifier, cls_position, monkeypatch):
+    """Without autograd, sequences longer than `context_token_chunk_size` are embedded a chunk at a time and
+    run head by head in place (HyperAttention replaying the all-heads draws): the same logits."""
+    from xt_hf.context_attention import XTAttentionBlock
+
+    model = build(context_attention_causal=causal, classifier=classifier, cls_token_position=cls_position,
+                  context_qkv_bias=causal, **LONG_SEQUENCE)
+    pixel_values = torch.randn(2, 3, 2 * REGION, 3 * REGION)  # 96 grid tokens: HyperAttention, 14 chunks
+    reference = model.xt(pixel_values)  # autograd: the fused all-heads path
+    calls = []
+    original = XTAttentionBlock.forward_in_place
+    monkeypatch.setattr(XTAttentionBlock, "forward_in_place", lambda self, x: calls.append(1) or original(self, x))
+    with torch.inference_mode():
+        in_place = model.xt(pixel_values)
+    assert len(calls) == 2, "both blocks must take the in-place path"
+    torch.testing.assert_close(in_place.last_hidden_state, reference.last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(in_place.pooler_output, reference.pooler_output, rtol=1e-5, atol=1e-5)
+
+
 def test_hidden_states_cover_input_and_every_block():
     model = build(context_num_layers=3)
     with torch.no_grad():

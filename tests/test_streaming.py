@@ -13,7 +13,7 @@ from conftest import REGION, tiny_config
 
 from xt_hf import XTForImageClassification, XTImageProcessor
 from xt_hf.region_sources import RegionReader, open_region_source
-from xt_hf.streaming import encode_regions_streaming, predict_streaming
+from xt_hf.streaming import encode_context_streaming, encode_regions_streaming, predict_streaming
 
 HEIGHT, WIDTH = 3 * REGION + 5, 2 * REGION + 17  # non-square, not a multiple of the region
 
@@ -66,6 +66,25 @@ def test_streaming_equals_the_in_memory_forward_for_every_source(image, model, t
     for name, source in write_sources(image, tmp_path).items():
         logits = predict_streaming(model, source, region_batch_size=5)
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_streaming_embeds_regions_into_the_context_tokens_exactly(image):
+    """A long sequence (HyperAttention, tokens embedded region chunk by region chunk, blocks updated in place)
+    still gives the in-memory forward's tokens and logits; so does a model without a context encoder."""
+    torch.manual_seed(0)
+    long_sequence = XTForImageClassification(tiny_config(
+        context_token_chunk_size=5, context_long_sequence_attention="hyper", hyper_min_seq_len=16,
+        hyper_block_size=8, hyper_sample_size=8)).eval()
+    without_context = XTForImageClassification(tiny_config(context_encoder="none", classifier="pool")).eval()
+    pixel_values = XTImageProcessor(region_size=REGION)(image, return_tensors="pt")["pixel_values"]
+    for model in (long_sequence, without_context):
+        with torch.no_grad():
+            expected = model.xt(pixel_values)
+        streamed, grid_shape = encode_context_streaming(model, image, region_batch_size=5)
+        assert grid_shape == (4 * REGION // 8, 3 * REGION // 8)
+        torch.testing.assert_close(streamed.last_hidden_state, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(predict_streaming(model, image, region_batch_size=5),
+                                   model.classifier(expected.pooler_output), rtol=1e-5, atol=1e-5)
 
 
 def test_prefetching_workers_give_the_same_features(image, model):

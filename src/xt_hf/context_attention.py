@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -66,6 +67,18 @@ class XTSelfAttention(nn.Module):
         batch, length, hidden = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        output, weights = self.attend(query, key, value)
+        return self.proj(output.reshape(batch, length, hidden)), weights
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, first_head: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of `(batch, heads, L, head_dim)` → `(batch, L, heads, head_dim)` and eager weights.
+
+        `first_head` says which of the layer's heads `query` starts at when it holds only some of them, so
+        that HyperAttention draws for them what it draws in the all-heads call.
+        """
+        length = query.shape[2]
         implementation = self.config._attn_implementation or "sdpa"
         if self.config.context_long_sequence_attention == "hyper" and length > self.config.hyper_min_seq_len:
             output = hyper_attention(
@@ -74,15 +87,14 @@ class XTSelfAttention(nn.Module):
                 sample_size=self.config.hyper_sample_size, min_seq_len=self.config.hyper_min_seq_len,
                 # Without autograd, one head at a time: the approximation's temporaries then cover one head.
                 heads_at_once=None if torch.is_grad_enabled() else 1,
-            ).transpose(1, 2)
-            weights = None
-        elif implementation == "eager":
-            output, weights = eager_attention(query, key, value, scale=self.scale, causal=self.is_causal)
-        else:
-            output, weights = ALL_ATTENTION_FUNCTIONS[implementation](
-                self, query, key, value, None, scaling=self.scale, dropout=0.0, is_causal=self.is_causal
+                head_range=(first_head, self.num_heads),
             )
-        return self.proj(output.reshape(batch, length, hidden)), weights
+            return output.transpose(1, 2), None
+        if implementation == "eager":
+            return eager_attention(query, key, value, scale=self.scale, causal=self.is_causal)
+        return ALL_ATTENTION_FUNCTIONS[implementation](
+            self, query, key, value, None, scaling=self.scale, dropout=0.0, is_causal=self.is_causal
+        )
 
 
 class XTGatedMLP(nn.Module):
@@ -125,3 +137,36 @@ class XTAttentionBlock(GradientCheckpointingLayer):
         for chunk in hidden_states.split(self.token_chunk_size, dim=1):
             chunk.add_(self.mlp(self.post_attention_layernorm(chunk)))
         return hidden_states, weights
+
+    @torch.no_grad()
+    def forward_in_place(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The same block without autograd, updating `hidden_states` `(batch, L, hidden)` in place.
+
+        For 10⁵–10⁶ tokens (gigapixel images) memory is what limits: besides the tokens this holds one
+        buffer of the heads' outputs and one head's query, key and value. Each head projects its q/k/v
+        from the normalised tokens a chunk at a time (the norm is recomputed per head rather than stored),
+        so neither the normalised copy nor the fused 3-wide qkv projection ever exists for all tokens.
+        """
+        attention = self.attn
+        batch, length, hidden = hidden_states.shape
+        heads, head_dim = attention.num_heads, attention.head_dim
+        chunks = [slice(start, start + self.token_chunk_size) for start in range(0, length, self.token_chunk_size)]
+        weight = attention.qkv.weight.view(3, heads, head_dim, hidden)
+        bias = None if attention.qkv.bias is None else attention.qkv.bias.view(3, heads, head_dim)
+        merged = torch.empty_like(hidden_states)  # the heads' outputs side by side, as `proj` expects them
+        for head in range(heads):
+            head_weight = weight[:, head].reshape(3 * head_dim, hidden)
+            head_bias = None if bias is None else bias[:, head].reshape(3 * head_dim)
+            qkv = hidden_states.new_empty(3, batch, 1, length, head_dim)
+            for part in chunks:
+                projected = F.linear(self.input_layernorm(hidden_states[:, part]), head_weight, head_bias)
+                qkv[:, :, 0, part] = projected.unflatten(-1, (3, head_dim)).permute(2, 0, 1, 3)
+            output, _ = attention.attend(*qkv, first_head=head)
+            merged[..., head * head_dim : (head + 1) * head_dim] = output[:, :, 0]
+            del qkv, output
+        for part in chunks:
+            hidden_states[:, part] += attention.proj(merged[:, part])
+        del merged
+        for part in chunks:
+            hidden_states[:, part] += self.mlp(self.post_attention_layernorm(hidden_states[:, part]))
+        return hidden_states

@@ -10,7 +10,7 @@ from torch import nn
 from .configuration_xt import XTConfig
 from .context_attention import XTAttentionBlock
 from .context_mamba import XTMambaBlock
-from .position_embedding import sincos_2d_position_embedding
+from .position_embedding import sincos_2d_position_embedding_at
 
 
 @dataclass
@@ -46,19 +46,64 @@ class XTContextEncoder(nn.Module):
         output_attentions: bool = False,
     ) -> ContextEncoding:
         """`grid` `(batch, C, h, w)` → tokens `(batch, h·w, hidden)` (CLS excluded) and the CLS state."""
-        batch, _, height, width = grid.shape
-        tokens = self.input_proj(grid.flatten(2).transpose(1, 2))
-        if self.config.context_position_embedding == "sincos_2d":
-            position = sincos_2d_position_embedding(height, width, tokens.shape[-1], device=tokens.device)
-            tokens = tokens + position.to(tokens.dtype)
-        tokens = self._add_cls(tokens)
+        batch, channels, height, width = grid.shape
+        features = grid.flatten(2).transpose(1, 2)
+        row = torch.arange(height, device=grid.device).repeat_interleave(width)
+        col = torch.arange(width, device=grid.device).repeat(height)
+        if torch.is_grad_enabled():
+            tokens = self._add_cls(self.embed_tokens(features, row, col))
+        else:
+            # A chunk of tokens at a time into one buffer: no full-size temporaries besides the tokens.
+            tokens = self.new_token_buffer(batch, height * width, device=grid.device)
+            grid_tokens = self.grid_part(tokens)
+            for start in range(0, height * width, self.config.context_token_chunk_size):
+                part = slice(start, start + self.config.context_token_chunk_size)
+                grid_tokens[:, part] = self.embed_tokens(features[:, part], row[part], col[part])
+        return self.encode(tokens, output_hidden_states=output_hidden_states, output_attentions=output_attentions)
 
+    def embed_tokens(self, features: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """Region-encoder features `(batch, n, C)` of the grid cells `(row[i], col[i])` → `(batch, n, hidden)`:
+        projected, plus their position embedding. Streaming embeds each chunk of regions as it arrives."""
+        tokens = self.input_proj(features)
+        if self.config.context_position_embedding == "sincos_2d":
+            tokens = tokens + sincos_2d_position_embedding_at(row, col, tokens.shape[-1]).to(tokens.dtype)
+        return tokens
+
+    def new_token_buffer(self, batch: int, num_grid_tokens: int, *, device: torch.device) -> torch.Tensor:
+        """An uninitialised `(batch, num_grid_tokens [+ 1 CLS], hidden)` sequence, CLS already in place, for
+        `embed_tokens` to fill (its grid tokens are `grid_part(buffer)`, row-major)."""
+        weight = self.input_proj.weight
+        tokens = weight.new_empty(batch, num_grid_tokens + (self.cls_token is not None), weight.shape[0], device=device)
+        if self.cls_token is not None:
+            tokens[:, -1 if self.config.cls_token_position == "last" else 0] = self.cls_token[0, 0].to(tokens.dtype)
+        return tokens
+
+    def grid_part(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The grid tokens of a sequence (a view: the CLS token, if any, left out)."""
+        return self._split_cls(tokens)[0]
+
+    def encode(
+        self, tokens: torch.Tensor, *, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> ContextEncoding:
+        """Run the blocks over an embedded sequence `(batch, L [+ 1 CLS], hidden)`.
+
+        Without autograd, a long sequence (more than `context_token_chunk_size` tokens) of attention blocks
+        is updated in place, `tokens` included: see `XTAttentionBlock.forward_in_place`.
+        """
         window = self.config.in_context_patches
         if 0 < window < tokens.shape[1]:
             return self._forward_windows(tokens, window)
 
+        in_place = (
+            not torch.is_grad_enabled() and not output_hidden_states and not output_attentions
+            and tokens.shape[1] > self.config.context_token_chunk_size
+            and all(isinstance(layer, XTAttentionBlock) for layer in self.layers)
+        )
         all_hidden, all_attentions = [], []
         for layer in self.layers:
+            if in_place:
+                layer.forward_in_place(tokens)
+                continue
             if output_hidden_states:
                 all_hidden.append(tokens)
             tokens, attentions = layer(tokens)
@@ -70,7 +115,7 @@ class XTContextEncoder(nn.Module):
             tokens=tokens,
             cls_state=cls_state,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions and all_attentions[0] is not None else None,
+            attentions=tuple(all_attentions) if output_attentions and all_attentions and all_attentions[0] is not None else None,
         )
 
     def _add_cls(self, tokens: torch.Tensor) -> torch.Tensor:

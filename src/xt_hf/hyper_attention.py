@@ -98,6 +98,7 @@ def hyper_attention(
     min_seq_len: int = 4096,
     generator: torch.Generator | None = None,
     heads_at_once: int | None = None,
+    head_range: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Softmax attention on `(batch, heads, L, head_dim)`, approximated by HyperAttention when `L > min_seq_len`.
 
@@ -110,7 +111,9 @@ def hyper_attention(
     `heads_at_once` computes the approximation for that many heads at a time, so that its temporaries
     (sorted copies, block scores) cover a few heads instead of all of them. The random draws are those of
     the all-heads call, so the result is the same up to float rounding; use it without autograd, which
-    would keep every head's temporaries for the backward pass anyway.
+    would keep every head's temporaries for the backward pass anyway. `head_range=(first, total)` says that
+    the inputs are heads `first, first + 1, ...` of a call over `total` heads: they then get that call's
+    random draws, so a caller can project and attend one head at a time.
     """
     if query.dim() != 4 or key.shape != query.shape or value.dim() != 4 or value.shape[:3] != key.shape[:3]:
         raise ValueError(
@@ -127,11 +130,14 @@ def hyper_attention(
 
     if heads_at_once is not None and heads_at_once < 1:
         raise ValueError(f"`heads_at_once` must be None or ≥ 1, got {heads_at_once}.")
+    heads = query.shape[1]
+    first_head, total_heads = head_range or (0, heads)
+    if first_head < 0 or first_head + heads > total_heads:
+        raise ValueError(f"`head_range` {head_range} does not hold the inputs' {heads} heads.")
 
     if generator is None:
         generator = torch.Generator().manual_seed(HYPER_ATTENTION_SEED)
     initial_state = generator.get_state()
-    heads = query.shape[1]
     step = min(heads_at_once or heads, heads)
     output = None
     for start in range(0, heads, step):
@@ -145,7 +151,7 @@ def hyper_attention(
             block_size=block_size,
             sample_size=sample_size,
             min_seq_len=min_seq_len,
-            heads=(start, min(start + step, heads), heads),
+            heads=(first_head + start, first_head + min(start + step, heads), total_heads),
         )
         group = slice(start, start + step)
         attend = _causal_attention_with_lse if causal else _hyper_attention_with_lse
@@ -275,6 +281,7 @@ def _fused_cpu_attention_with_lse():
 
 
 _FUSED_CPU_ATTENTION_WITH_LSE = _fused_cpu_attention_with_lse()
+_FUSED_BIAS_ELEMENTS = 2**22  # at most 16 MiB of float32 bias per slice of queries
 
 
 def _attention_with_lse(query, key, value, *, scale: float, causal: bool = False, hidden=None, query_chunk=None):
@@ -288,12 +295,22 @@ def _attention_with_lse(query, key, value, *, scale: float, causal: bool = False
     """
     needs_gradient = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if _FUSED_CPU_ATTENTION_WITH_LSE is not None and query.device.type == "cpu" and not needs_gradient:
-        bias = None
-        if hidden is not None:
-            bias = torch.zeros(hidden.shape, dtype=query.dtype, device=query.device)
-            bias.masked_fill_(hidden, torch.finfo(query.dtype).min)
-        output, lse = _FUSED_CPU_ATTENTION_WITH_LSE(query, key, value, 0.0, causal, attn_mask=bias, scale=scale)
-        return output.float(), lse.float()
+        # The kernel takes an additive bias, as large as the mask; a mask with a row per query (the sampled
+        # residual's: queries × sample_size) is turned into one a slice of queries at a time.
+        per_query = hidden is not None and hidden.shape[-2] > 1
+        step = max(1, _FUSED_BIAS_ELEMENTS // hidden[..., :1, :].numel()) if per_query else query.shape[2]
+        outputs, lses = [], []
+        for start in range(0, query.shape[2], step):
+            bias = None
+            if hidden is not None:
+                rows = hidden[..., start : start + step, :] if per_query else hidden
+                bias = torch.zeros(rows.shape, dtype=query.dtype, device=query.device)
+                bias.masked_fill_(rows, torch.finfo(query.dtype).min)
+            output, lse = _FUSED_CPU_ATTENTION_WITH_LSE(query[:, :, start : start + step], key, value, 0.0, causal,
+                                                        attn_mask=bias, scale=scale)
+            outputs.append(output.float())
+            lses.append(lse.float())
+        return (outputs[0], lses[0]) if len(outputs) == 1 else (torch.cat(outputs, dim=2), torch.cat(lses, dim=2))
 
     outputs, lses = [], []
     num_queries, num_keys = query.shape[2], key.shape[2]

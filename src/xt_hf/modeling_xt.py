@@ -13,7 +13,7 @@ from transformers.modeling_outputs import ImageClassifierOutput, SemanticSegment
 from transformers.utils import ModelOutput
 
 from .configuration_xt import XTConfig
-from .context_encoder import XTContextEncoder
+from .context_encoder import ContextEncoding, XTContextEncoder
 from .context_mamba import XTMambaMixer
 from .nested_tokenization import as_region_grid, pad_to_region_multiple, region_grid_shape, region_index
 from .region_encoder import XTRegionEncoder
@@ -153,22 +153,28 @@ class XTModel(XTPreTrainedModel):
         """
         grid = region_feature_maps[-1]
         if self.context_encoder is None:
-            tokens, pooled = grid.flatten(2).transpose(1, 2), None
-            hidden_states = attentions = None
+            encoding = ContextEncoding(tokens=grid.flatten(2).transpose(1, 2), cls_state=None)
         else:
             encoding = self.context_encoder(
                 grid, output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions)
             )
-            tokens, pooled = encoding.tokens, encoding.cls_state
-            hidden_states, attentions = encoding.hidden_states, encoding.attentions
-        if pooled is None:
-            pooled = tokens.mean(dim=1)
+        return self._model_output(encoding, tuple(region_feature_maps) if output_region_features else None)
+
+    def encode_embedded_context(self, tokens: torch.Tensor) -> XTModelOutput:
+        """`encode_context` from tokens the context encoder has embedded already (`embed_tokens` into a
+        `new_token_buffer`): streaming fills them region chunk by region chunk and never holds the stitched
+        region features. Without autograd, long sequences are updated in place."""
+        return self._model_output(self.context_encoder.encode(tokens), None)
+
+    @staticmethod
+    def _model_output(encoding: ContextEncoding, region_feature_maps) -> XTModelOutput:
+        pooled = encoding.cls_state if encoding.cls_state is not None else encoding.tokens.mean(dim=1)
         return XTModelOutput(
-            last_hidden_state=tokens,
+            last_hidden_state=encoding.tokens,
             pooler_output=pooled,
-            region_feature_maps=tuple(region_feature_maps) if output_region_features else None,
-            hidden_states=hidden_states,
-            attentions=attentions,
+            region_feature_maps=region_feature_maps,
+            hidden_states=encoding.hidden_states,
+            attentions=encoding.attentions,
         )
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
@@ -310,7 +316,7 @@ class XTForSemanticSegmentation(XTPreTrainedModel):
             return_dict=True,
         )
         rows, cols = region_grid_shape(height, width, self.config.region_size)
-        context = self.context_grid(outputs.last_hidden_state, outputs.region_feature_maps[-1])
+        context = self.context_grid(outputs.last_hidden_state, outputs.region_feature_maps[-1].shape[-2:])
         logits = self.decode(outputs.region_feature_maps, context, rows, cols)
         stride = self.config.decoder_output_stride
         logits = logits[..., : -(-height // stride), : -(-width // stride)]
@@ -323,13 +329,12 @@ class XTForSemanticSegmentation(XTPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def context_grid(self, tokens: torch.Tensor, deepest: torch.Tensor) -> torch.Tensor | None:
-        """Context-encoded tokens `(batch, H_S·W_S, D)` put back on the deepest stitched stage's grid:
-        `(batch, D, H_S, W_S)`; `None` without a context encoder."""
+    def context_grid(self, tokens: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor | None:
+        """Context-encoded tokens `(batch, H_S·W_S, D)` put back on the deepest stitched stage's grid of
+        `grid_shape` `(H_S, W_S)`: `(batch, D, H_S, W_S)`; `None` without a context encoder."""
         if self.xt.context_encoder is None:
             return None
-        batch, _, grid_height, grid_width = deepest.shape
-        return tokens.transpose(1, 2).reshape(batch, -1, grid_height, grid_width)
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid_shape)
 
     def decode_regions(self, stage_features: list[torch.Tensor], context: torch.Tensor | None) -> torch.Tensor:
         """Regions' stage maps (and context) → their logits `(n, num_labels, R/stride, R/stride)`."""

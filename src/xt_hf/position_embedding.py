@@ -20,11 +20,17 @@ def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
 def sincos_2d_position_embedding(
     rows: int, cols: int, dim: int, *, device: torch.device | None = None
 ) -> torch.Tensor:
-    """Embedding of every cell of a `rows × cols` grid, flattened row-major: `(rows·cols, dim)`, float32.
-
-    The first half of the channels encodes the column and the second half the row: the released
-    models were trained with MAE's meshgrid order, whose names are swapped relative to what it does.
-    """
+    """Embedding of every cell of a `rows × cols` grid, flattened row-major: `(rows·cols, dim)`, float32."""
     row = torch.arange(rows, device=device).repeat_interleave(cols)
     col = torch.arange(cols, device=device).repeat(rows)
+    return sincos_2d_position_embedding_at(row, col, dim)
+
+
+def sincos_2d_position_embedding_at(row: torch.Tensor, col: torch.Tensor, dim: int) -> torch.Tensor:
+    """Embedding of the grid cells `(row[i], col[i])`: `(n, dim)`, float32, the same values as the whole grid's.
+
+    Lets tokens be embedded a chunk or a region at a time. The first half of the channels encodes the
+    column and the second half the row: the released models were trained with MAE's meshgrid order,
+    whose names are swapped relative to what it does.
+    """
     return torch.cat([sincos_1d(col, dim // 2), sincos_1d(row, dim // 2)], dim=1)

@@ -94,11 +94,49 @@ def _region_batches(model, reader: RegionReader, region_batch_size, num_workers,
 
 
 @torch.inference_mode()
+def encode_context_streaming(
+    model,
+    image,
+    *,
+    processor=None,
+    region_batch_size: int | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+):
+    """`XTModel.encode_context` of one large image read region by region: `(XTModelOutput, (H_S, W_S))`, the
+    latter the deepest stage's stitched grid size.
+
+    With a context encoder, each chunk of regions is embedded into the context encoder's token sequence as it
+    arrives, so the stitched region features never exist: memory holds the model, one chunk of regions and
+    the tokens, which the context encoder then updates in place.
+    """
+    xt = model.base_model
+    if xt.context_encoder is None:
+        (grid,) = encode_regions_streaming(model, image, processor=processor, region_batch_size=region_batch_size,
+                                           num_workers=num_workers, progress=progress, last_stage_only=True)
+        return xt.encode_context([grid]), tuple(grid.shape[-2:])
+    reader = _reader(model, image, processor)
+    encoder, tokens = xt.context_encoder, None
+    for regions, rows, cols in _region_batches(model, reader, region_batch_size, num_workers, progress):
+        features = xt.region_encoder._feature_maps(regions)[-1]  # (n, C, h, w)
+        count, channels, height, width = features.shape
+        if tokens is None:
+            grid_shape = (reader.rows * height, reader.cols * width)
+            tokens = encoder.new_token_buffer(1, grid_shape[0] * grid_shape[1], device=features.device)
+        # Grid cells of every token of the chunk, in the (region, i, j) order of `features`.
+        row = (rows.to(features.device).view(-1, 1, 1) * height + torch.arange(height, device=features.device).view(1, -1, 1))
+        col = (cols.to(features.device).view(-1, 1, 1) * width + torch.arange(width, device=features.device).view(1, 1, -1))
+        row, col = row.expand(count, height, width).reshape(-1), col.expand(count, height, width).reshape(-1)
+        embedded = encoder.embed_tokens(features.permute(0, 2, 3, 1).reshape(1, -1, channels), row, col)
+        encoder.grid_part(tokens)[:, row * grid_shape[1] + col] = embedded
+    return xt.encode_embedded_context(tokens), grid_shape
+
+
+@torch.inference_mode()
 def predict_streaming(model, image, **kwargs) -> torch.Tensor:
     """Classification logits `(1, num_labels)` of one large image read region by region."""
-    maps = encode_regions_streaming(model, image, **kwargs)
-    pooled = model.base_model.encode_context(maps).pooler_output
-    return model.classifier(pooled)
+    output, _ = encode_context_streaming(model, image, **kwargs)
+    return model.classifier(output.pooler_output)
 
 
 @torch.inference_mode()
@@ -116,9 +154,8 @@ def segment_streaming(
     """Whole-scene segmentation of a large image into a class map on disk, never holding full-resolution
     features of all regions: returns the map's `(height, width)`.
 
-    Pass one encodes every region and keeps only the deepest stage's stitched grid, which the context
-    encoder turns into context tokens. Pass two re-encodes the regions chunk by chunk, decodes each with
-    its slice of the context tokens (`XTForSemanticSegmentation.decode_regions`) and writes the argmax
+    Pass one encodes every region and keeps only its context-encoder tokens (`encode_context_streaming`).
+    Pass two re-encodes the regions chunk by chunk, decodes each with its slice of the context tokens (`XTForSemanticSegmentation.decode_regions`) and writes the argmax
     straight into `output`: a `.zarr` directory or a tiled `.tif`, uint8 (uint16 beyond 256 classes), at
     `1 / decoder_output_stride` of the input resolution. Existing outputs are refused unless `overwrite`.
     """
@@ -131,9 +168,10 @@ def segment_streaming(
         raise ValueError(f"The output must be a .zarr directory or a .tif file, got {output.name!r}.")
     reader = _reader(model, image, processor)
     xt = model.base_model
-    deepest = encode_regions_streaming(model, reader.source, processor=processor, region_batch_size=region_batch_size,
-                                       num_workers=num_workers, progress=progress, last_stage_only=True)
-    context = model.context_grid(xt.encode_context(deepest).last_hidden_state, deepest[-1])
+    encoded, grid_shape = encode_context_streaming(model, reader.source, processor=processor,
+                                                   region_batch_size=region_batch_size, num_workers=num_workers,
+                                                   progress=progress)
+    context = model.context_grid(encoded.last_hidden_state, grid_shape)
     context_view = None if context is None else as_region_grid(context, context.shape[2] // reader.rows,
                                                                 context.shape[3] // reader.cols)
     stride = model.config.decoder_output_stride
