@@ -46,7 +46,7 @@ class XTContextEncoder(nn.Module):
         output_attentions: bool = False,
     ) -> ContextEncoding:
         """`grid` `(batch, C, h, w)` → tokens `(batch, h·w, hidden)` (CLS excluded) and the CLS state."""
-        batch, channels, height, width = grid.shape
+        batch, _, height, width = grid.shape
         features = grid.flatten(2).transpose(1, 2)
         row = torch.arange(height, device=grid.device).repeat_interleave(width)
         col = torch.arange(width, device=grid.device).repeat(height)
