@@ -9,8 +9,9 @@ isolation (the released 768-wide, 2-layer HyperAttention encoder on a Swin-v2-T 
 
 `growth` is the process's peak resident memory during the forward minus before it (the grid itself is
 allocated before); `× grid` divides it by the token grid's own size. `chunked` uses the default
-`context_token_chunk_size`; `unchunked` sets it above the token count (the per-token layers then widen
-all tokens at once, as a plain implementation does).
+`context_token_chunk_size` (token chunks, and in place head by head above it); `unchunked` sets it above
+the token count (the whole sequence at once, as a plain implementation does; HyperAttention still runs
+one head at a time).
 """
 
 from __future__ import annotations
