@@ -218,6 +218,17 @@ def test_a_head_given_its_place_gets_the_all_heads_draws(causal):
         hyper_attention(query, key, value, scale=SCALE, causal=causal, head_range=(1, query.shape[1]), **SMALL)
 
 
+@pytest.mark.parametrize("length", [300, 301, 512])  # padding at every level, at the first only, nowhere
+def test_causal_inference_level_by_level_matches_the_autograd_recursion(length):
+    """Without autograd, causal HyperAttention runs level by level (less memory); with it, recursively."""
+    query, key, value = random_qkv(length=length)
+    recursive = hyper_attention(*(t.clone().requires_grad_() for t in (query, key, value)), scale=SCALE,
+                                causal=True, **SMALL)
+    with torch.no_grad():
+        by_levels = hyper_attention(query, key, value, scale=SCALE, causal=True, **SMALL)
+    torch.testing.assert_close(by_levels, recursive.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_heads_at_a_time_leave_a_given_generator_as_the_all_heads_call_does():
     query, key, value = random_qkv(length=300)
     together, apart = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)

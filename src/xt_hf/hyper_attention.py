@@ -47,6 +47,7 @@ Differences from the original implementation (`xt/models/context_encoders/hyper_
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -154,7 +155,12 @@ def hyper_attention(
             heads=(first_head + start, first_head + min(start + step, heads), total_heads),
         )
         group = slice(start, start + step)
-        attend = _causal_attention_with_lse if causal else _hyper_attention_with_lse
+        if not causal:
+            attend = _hyper_attention_with_lse
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            attend = _causal_attention_with_lse
+        else:
+            attend = _causal_attention_by_levels
         part, _ = attend(query[:, group], key[:, group], value[:, group], approximation)
         if step == heads:
             return part.to(query.dtype)
@@ -177,6 +183,8 @@ class _Approximation:
     # (first, stop, total): the call computes heads first..stop-1 of `total`. Inside causal attention a
     # head is split into 2^k independent halves at depth k, so there the group spans (first, stop) · 2^k.
     heads: tuple[int, int, int]
+    # The sampled residual's keys, when drawn ahead of time (`_causal_attention_by_levels`).
+    drawn: torch.Tensor | None = None
 
 
 def _causal_attention_with_lse(query, key, value, approx: _Approximation) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,6 +217,65 @@ def _causal_attention_with_lse(query, key, value, approx: _Approximation) -> tup
     output = torch.cat((diagonal_output[:, :, :half], lower_output), dim=2)
     lse = torch.cat((diagonal_lse[:, :, :half], lower_lse), dim=2)
     return output[:, :, :length], lse[:, :, :length]
+
+
+def _causal_attention_by_levels(query, key, value, approx: _Approximation) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_causal_attention_with_lse` without autograd, level by level instead of recursively.
+
+    Same pieces, same random draws, same result up to the order in which pieces are merged. The recursion
+    keeps every level's padded copies and outputs alive until it unwinds (measured: about 28 one-head
+    tensors of the whole sequence at 262,144 tokens); here each level's non-causal block is merged straight
+    into one output, and only the current level's padded q/k/v exist besides the inputs.
+    """
+    batch, heads, length, _ = query.shape
+    # The recursion's geometry: at every level each segment is padded to an even length and halved.
+    levels, size = [], length
+    while size > approx.min_seq_len:
+        levels.append((size, (size + 1) // 2))
+        size = (size + 1) // 2
+    # The recursion draws the residual's samples on its way back up, the deepest level first: draw them so.
+    drawn = {}
+    for depth in reversed(range(len(levels))):
+        half = levels[depth][1]
+        if half >= approx.min_seq_len and half > approx.block_size and approx.sample_size > 0:
+            drawn[depth] = _draw_residual_keys(approx, batch, half, 2**depth)
+
+    output = torch.zeros(batch, heads, length, value.shape[-1], dtype=torch.float32, device=query.device)
+    lse = torch.full((batch, heads, length), -math.inf, device=query.device)
+    positions = torch.arange(length, device=query.device).view(1, length)  # (segments, tokens); -1: padding
+    tensors = [query, key, value]  # (batch, heads · segments, tokens, dim), as the recursion reshapes them
+    for depth, (size, half) in enumerate(levels):
+        if size % 2:
+            for index in range(3):  # one at a time, so that at most one extra copy exists
+                tensors[index] = F.pad(tensors[index], (0, 0, 0, 1))
+            positions = F.pad(positions, (0, 1), value=-1)
+        past = (tensors[0][:, :, half:], tensors[1][:, :, :half], tensors[2][:, :, :half])
+        if half >= approx.min_seq_len:
+            piece, piece_lse = _hyper_attention_with_lse(*past, dataclasses.replace(approx, drawn=drawn.get(depth)))
+        else:
+            piece, piece_lse = _attention_with_lse(*past, scale=approx.scale, query_chunk=approx.block_size)
+        del past
+        _merge_into(output, lse, piece, piece_lse, positions[:, half:])
+        del piece, piece_lse
+        tensors = [tensor.reshape(batch, tensor.shape[1] * 2, half, tensor.shape[-1]) for tensor in tensors]
+        positions = positions.reshape(-1, half)
+    piece, piece_lse = _attention_with_lse(*tensors, scale=approx.scale, causal=True, query_chunk=approx.block_size)
+    _merge_into(output, lse, piece, piece_lse, positions)
+    return output, lse
+
+
+def _merge_into(output, lse, piece, piece_lse, positions, chunk: int = 2**16) -> None:
+    """Merge a piece `(b, h · S, m, d)` whose S segments hold the tokens `positions` `(S, m)` (-1: padding,
+    dropped) into the whole sequence's `output` `(b, h, L, d)` and `lse` `(b, h, L)`, in place."""
+    batch, heads = output.shape[:2]
+    piece = piece.reshape(batch, heads, positions.numel(), piece.shape[-1])
+    piece_lse = piece_lse.reshape(batch, heads, positions.numel())
+    flat = positions.reshape(-1)
+    for rows in torch.nonzero(flat >= 0).squeeze(1).split(chunk):
+        index = flat[rows]
+        merged, merged_lse = _merge(output[:, :, index], lse[:, :, index], piece[:, :, rows], piece_lse[:, :, rows])
+        output[:, :, index] = merged
+        lse[:, :, index] = merged_lse
 
 
 def _hyper_attention_with_lse(query, key, value, approx: _Approximation) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,17 +326,25 @@ def _sampled_residual_attention(query, key, value, query_block, approx: _Approxi
     """
     batch, heads, num_queries, _ = query.shape
     num_keys = key.shape[2]
-    generator = approx.generator
-    first, stop, total = approx.heads
+    first, stop, _ = approx.heads
     split = heads // (stop - first)  # 2^depth of the causal recursion
-    drawn = torch.randint(num_keys, (batch, total * split, approx.sample_size), generator=generator,
-                          device=generator.device)
-    drawn = drawn[:, first * split : stop * split].to(query.device)
+    drawn = approx.drawn if approx.drawn is not None else _draw_residual_keys(approx, batch, num_keys, split)
+    drawn = drawn.to(query.device)
     query_blocks = torch.arange(num_queries, device=query.device) // query_block
     same_block = query_blocks.view(1, 1, -1, 1) == (drawn // approx.block_size).unsqueeze(2)
     output, lse = _attention_with_lse(query, _take(key, drawn), _take(value, drawn), scale=approx.scale,
                                       hidden=same_block)
     return output, lse + math.log(num_keys / approx.sample_size)
+
+
+def _draw_residual_keys(approx: _Approximation, batch: int, num_keys: int, split: int) -> torch.Tensor:
+    """The residual's key samples `(batch, heads · split, sample_size)` for this call's heads: drawn for all
+    `total` heads (times `split` causal segments) and sliced, so any group of heads sees the same draws."""
+    first, stop, total = approx.heads
+    generator = approx.generator
+    drawn = torch.randint(num_keys, (batch, total * split, approx.sample_size), generator=generator,
+                          device=generator.device)
+    return drawn[:, first * split : stop * split]
 
 
 def _fused_cpu_attention_with_lse():
