@@ -154,15 +154,21 @@ class XTAttentionBlock(GradientCheckpointingLayer):
         weight = attention.qkv.weight.view(3, heads, head_dim, hidden)
         bias = None if attention.qkv.bias is None else attention.qkv.bias.view(3, heads, head_dim)
         merged = torch.empty_like(hidden_states)  # the heads' outputs side by side, as `proj` expects them
+        # Causal HyperAttention appends a zero row to an odd-length sequence (seen, causally, by itself alone):
+        # giving it that row up front spares it a copy of q, k and v.
+        config = attention.config
+        padded = length + (length % 2 == 1 and attention.is_causal and length > config.hyper_min_seq_len
+                           and config.context_long_sequence_attention == "hyper")
         for head in range(heads):
             head_weight = weight[:, head].reshape(3 * head_dim, hidden)
             head_bias = None if bias is None else bias[:, head].reshape(3 * head_dim)
-            qkv = hidden_states.new_empty(3, batch, 1, length, head_dim)
+            qkv = hidden_states.new_zeros(3, batch, 1, padded, head_dim)
+            tokens_qkv = qkv[:, :, 0, :length]
             for part in chunks:
                 projected = F.linear(self.input_layernorm(hidden_states[:, part]), head_weight, head_bias)
-                qkv[:, :, 0, part] = projected.unflatten(-1, (3, head_dim)).permute(2, 0, 1, 3)
+                tokens_qkv[:, :, part] = projected.unflatten(-1, (3, head_dim)).permute(2, 0, 1, 3)
             output, _ = attention.attend(*qkv, first_head=head)
-            merged[..., head * head_dim : (head + 1) * head_dim] = output[:, :, 0]
+            merged[..., head * head_dim : (head + 1) * head_dim] = output[:, :length, 0]
             del qkv, output
         for part in chunks:
             hidden_states[:, part] += attention.proj(merged[:, part])

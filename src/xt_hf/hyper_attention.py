@@ -273,7 +273,8 @@ def _merge_into(output, lse, piece, piece_lse, positions, chunk: int = 2**16) ->
     flat = positions.reshape(-1)
     for rows in torch.nonzero(flat >= 0).squeeze(1).split(chunk):
         index = flat[rows]
-        merged, merged_lse = _merge(output[:, :, index], lse[:, :, index], piece[:, :, rows], piece_lse[:, :, rows])
+        merged, merged_lse = _merge(output[:, :, index], lse[:, :, index], piece[:, :, rows], piece_lse[:, :, rows],
+                                    in_place=True)
         output[:, :, index] = merged
         lse[:, :, index] = merged_lse
 
@@ -290,7 +291,9 @@ def _hyper_attention_with_lse(query, key, value, approx: _Approximation) -> tupl
     output, lse = _block_diagonal_attention(query, key, value, num_blocks, query_block, approx)
     if num_blocks > 1 and approx.sample_size > 0:
         residual_output, residual_lse = _sampled_residual_attention(query, key, value, query_block, approx)
-        output, lse = _merge(output, lse, residual_output, residual_lse)
+        del query, key, value  # the sorted copies: not needed any more
+        output, lse = _merge(output, lse, residual_output, residual_lse, in_place=not torch.is_grad_enabled())
+        del residual_output, residual_lse
 
     inverse = torch.empty_like(query_order).scatter_(
         -1, query_order, torch.arange(num_queries, device=query_order.device).expand_as(query_order)
@@ -412,10 +415,16 @@ def _softmax_attend(scores: torch.Tensor, value: torch.Tensor) -> tuple[torch.Te
     return (probabilities @ value).float(), scores.logsumexp(dim=-1)
 
 
-def _merge(output_a, lse_a, output_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over the union of two disjoint key sets, from each set's output and log-sum-exp."""
+def _merge(output_a, lse_a, output_b, lse_b, *, in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over the union of two disjoint key sets, from each set's output and log-sum-exp.
+
+    `in_place` reuses the storage of `output_a` and `output_b` (without autograd, for tensors nothing else
+    reads afterwards)."""
     lse = torch.logaddexp(lse_a, lse_b)
-    return output_a * (lse_a - lse).exp().unsqueeze(-1) + output_b * (lse_b - lse).exp().unsqueeze(-1), lse
+    weight_a, weight_b = (lse_a - lse).exp().unsqueeze(-1), (lse_b - lse).exp().unsqueeze(-1)
+    if in_place:
+        return output_a.mul_(weight_a).add_(output_b.mul_(weight_b)), lse
+    return output_a * weight_a + output_b * weight_b, lse
 
 
 def _take(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
