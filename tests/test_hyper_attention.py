@@ -342,3 +342,16 @@ def test_gradient_checkpointing_recomputes_the_same_approximation():
 def test_invalid_hyper_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize("length", [4097, 5000, 65537, 715009])
+def test_causal_padding_makes_every_halving_exact(length):
+    from xt_hf.hyper_attention import causal_padded_length
+
+    padded, size = causal_padded_length(length, 4096), causal_padded_length(length, 4096)
+    halvings = 0
+    while size > 4096:
+        assert size % 2 == 0, "a level would need padding again"
+        size, halvings = size // 2, halvings + 1
+    assert length <= padded < length + 2**halvings
+    assert causal_padded_length(4096, 4096) == 4096

@@ -9,7 +9,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_xt import XTConfig
-from .hyper_attention import hyper_attention
+from .hyper_attention import causal_padded_length, hyper_attention
 
 
 class XTRMSNorm(nn.Module):
@@ -154,11 +154,11 @@ class XTAttentionBlock(GradientCheckpointingLayer):
         weight = attention.qkv.weight.view(3, heads, head_dim, hidden)
         bias = None if attention.qkv.bias is None else attention.qkv.bias.view(3, heads, head_dim)
         merged = torch.empty_like(hidden_states)  # the heads' outputs side by side, as `proj` expects them
-        # Causal HyperAttention appends a zero row to an odd-length sequence (seen, causally, by itself alone):
-        # giving it that row up front spares it a copy of q, k and v.
+        # Causal HyperAttention pads the sequence with zero rows: giving it them up front spares a copy of q/k/v.
         config = attention.config
-        padded = length + (length % 2 == 1 and attention.is_causal and length > config.hyper_min_seq_len
-                           and config.context_long_sequence_attention == "hyper")
+        padded = length
+        if attention.is_causal and config.context_long_sequence_attention == "hyper" and length > config.hyper_min_seq_len:
+            padded = causal_padded_length(length, config.hyper_min_seq_len)
         for head in range(heads):
             head_weight = weight[:, head].reshape(3 * head_dim, hidden)
             head_bias = None if bias is None else bias[:, head].reshape(3 * head_dim)

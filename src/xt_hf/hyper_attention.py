@@ -39,6 +39,9 @@ Differences from the original implementation (`xt/models/context_encoders/hyper_
   average for 7 projections) instead of exactly one.
 * Padding keys (when the length is not a multiple of `block_size`) are masked out; the original pads the
   sorted keys with zeros that take part in the last block's softmax with score 0.
+* Causal attention first pads the sequence with zero rows at its end to a multiple of `2**K` (K halvings
+  down to `min_seq_len`), so that no half ever needs padding again and, without autograd, every level's
+  halves are views of one tensor. Only the padding rows themselves see the padding rows.
 * Every piece (exact leaves, sorted blocks, sampled residual) and its log-sum-exp comes from a plain
   PyTorch softmax in float32, with gradients through the log-sum-exp (the original's Triton path
   detaches it). Without gradients on CPU, PyTorch's own fused flash-attention kernel computes the same
@@ -136,6 +139,12 @@ def hyper_attention(
     if first_head < 0 or first_head + heads > total_heads:
         raise ValueError(f"`head_range` {head_range} does not hold the inputs' {heads} heads.")
 
+    length = query.shape[2]
+    if causal and causal_padded_length(length, min_seq_len) > length:
+        # Zero rows at the end, seen (causally) only by themselves, make every halving exact.
+        rows = causal_padded_length(length, min_seq_len) - length
+        query, key, value = (F.pad(tensor, (0, 0, 0, rows)) for tensor in (query, key, value))
+
     if generator is None:
         generator = torch.Generator().manual_seed(HYPER_ATTENTION_SEED)
     initial_state = generator.get_state()
@@ -163,11 +172,24 @@ def hyper_attention(
             attend = _causal_attention_by_levels
         part, _ = attend(query[:, group], key[:, group], value[:, group], approximation)
         if step == heads:
-            return part.to(query.dtype)
+            return part[:, :, :length].to(query.dtype)
         if output is None:
-            output = query.new_empty(*query.shape[:3], value.shape[-1])
-        output[:, group] = part
+            output = query.new_empty(*query.shape[:2], length, value.shape[-1])
+        output[:, group] = part[:, :, :length]
     return output
+
+
+def causal_padded_length(length: int, min_seq_len: int) -> int:
+    """The length causal HyperAttention pads a sequence of `length` tokens to: a multiple of `2**K`, K being
+    the number of halvings that bring it to `min_seq_len` tokens or fewer, so that every half is a view.
+
+    A caller that builds q/k/v itself can allocate them at this length, zero the extra rows and save the
+    copy that padding them would take.
+    """
+    levels = 0
+    while -(-length // 2**levels) > min_seq_len:
+        levels += 1
+    return -(-length // 2**levels) * 2**levels
 
 
 @dataclass(frozen=True)
@@ -437,4 +459,4 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, 0, rows - tensor.shape[2])) if rows > tensor.shape[2] else tensor
 
 
-__all__ = ["AngularLSH", "HYPER_ATTENTION_SEED", "hyper_attention"]
+__all__ = ["AngularLSH", "HYPER_ATTENTION_SEED", "causal_padded_length", "hyper_attention"]
