@@ -127,3 +127,15 @@ def test_labels_of_the_wrong_size_raise(labels, message):
 def test_channel_mismatch_raises():
     with pytest.raises(ValueError, match="2 channels but the region encoder expects 3"):
         segmenter()(torch.randn(1, 2, REGION, REGION))
+
+
+def test_the_fusing_block_responds_to_its_input_on_a_one_token_map():
+    """One context token per region gives the fusing block 1 × 1 maps; its norm must not flatten them into a
+    fixed ±1 pattern (groups of 2 channels did: small changes of the input then changed nothing)."""
+    from xt_hf.segmentation_decoder import XTDecoderBlock
+
+    block = XTDecoderBlock(48, 16).eval()
+    tokens = torch.randn(4, 48, 1, 1)
+    with torch.no_grad():
+        change = block(tokens + 1e-2 * torch.randn_like(tokens)) - block(tokens)
+    assert change.abs().median() > 1e-3, change.abs().median()
