@@ -280,6 +280,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--region-size", type=int, default=64)
     parser.add_argument("--vessels", type=int, nargs=2, metavar=("MIN", "MAX"), default=(6, 12),
                         help="vessels per image (default 6 12); with --evaluate, the folder's")
+    parser.add_argument("--near-distance", type=float, default=2.5,
+                        help="near-shore below this distance to land, in regions (default 2.5)")
+    parser.add_argument("--margin", type=float, default=0.25,
+                        help="no vessel within this many regions of --near-distance (default 0.25)")
+    parser.add_argument("--vessel-radius", type=float, default=6.0, help="in pixels (default 6)")
     parser.add_argument("--evaluate", metavar="MODEL", help="instead, evaluate a saved model on --split of --data")
     parser.add_argument("--data", help="with --evaluate: the save_to_disk folder")
     parser.add_argument("--split", default="test", help="with --evaluate: the split (default test); --seed, "
@@ -295,16 +300,22 @@ def main(argv: list[str] | None = None) -> None:
         seed = None if arguments.no_vessel_scores else arguments.seed
         report = evaluate_saved_model(arguments.evaluate, arguments.data, arguments.split, seed=seed,
                                       image_size=arguments.image_size, region_size=arguments.region_size,
-                                      num_vessels=tuple(arguments.vessels))
+                                      **_sample_options(arguments))
         print(json.dumps(report, indent=2))
         return
     if not arguments.output:
         parser.error("--output is required")
     dataset = generate_dataset(arguments.train, arguments.test, num_validation=arguments.validation,
                                seed=arguments.seed, image_size=arguments.image_size, region_size=arguments.region_size,
-                               num_vessels=tuple(arguments.vessels))
+                               **_sample_options(arguments))
     dataset.save_to_disk(arguments.output)
     print(dataset)
+
+
+def _sample_options(arguments: argparse.Namespace) -> dict:
+    """The `generate_sample` options the command line sets: generating and evaluating must pass the same."""
+    return {"num_vessels": tuple(arguments.vessels), "near_distance": arguments.near_distance,
+            "margin": arguments.margin, "vessel_radius": arguments.vessel_radius}
 
 
 if __name__ == "__main__":
