@@ -210,14 +210,14 @@ class _Approximation:
 
 
 def _causal_attention_with_lse(query, key, value, approx: _Approximation) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention `(b, h, L, d)` → float32 output `(b, h, L, d_v)` and log-sum-exp `(b, h, L)`."""
+    """Causal attention `(b, h, L, d)` → float32 output `(b, h, L, d_v)` and log-sum-exp `(b, h, L)`.
+
+    `L` is a `causal_padded_length`, so every level halves exactly.
+    """
     length = query.shape[2]
     if length <= approx.min_seq_len:
         return _attention_with_lse(query, key, value, scale=approx.scale, causal=True, query_chunk=approx.block_size)
-    if length % 2:
-        # A zero row appended at the end is only ever seen, causally, by its own (discarded) query.
-        query, key, value = (F.pad(tensor, (0, 0, 0, 1)) for tensor in (query, key, value))
-    half = query.shape[2] // 2
+    half = length // 2
 
     # b h (two n) d -> b (h two) n d: the two diagonal halves become independent heads.
     def split(tensor):
@@ -238,39 +238,34 @@ def _causal_attention_with_lse(query, key, value, approx: _Approximation) -> tup
     lower_output, lower_lse = _merge(diagonal_output[:, :, half:], diagonal_lse[:, :, half:], past_output, past_lse)
     output = torch.cat((diagonal_output[:, :, :half], lower_output), dim=2)
     lse = torch.cat((diagonal_lse[:, :, :half], lower_lse), dim=2)
-    return output[:, :, :length], lse[:, :, :length]
+    return output, lse
 
 
 def _causal_attention_by_levels(query, key, value, approx: _Approximation) -> tuple[torch.Tensor, torch.Tensor]:
     """`_causal_attention_with_lse` without autograd, level by level instead of recursively.
 
     Same pieces, same random draws, same result up to the order in which pieces are merged. The recursion
-    keeps every level's padded copies and outputs alive until it unwinds (measured: about 28 one-head
-    tensors of the whole sequence at 262,144 tokens); here each level's non-causal block is merged straight
-    into one output, and only the current level's padded q/k/v exist besides the inputs.
+    keeps every level's outputs alive until it unwinds; here each level's non-causal block is merged
+    straight into one output, and every level's halves are views of the inputs (`L` is a
+    `causal_padded_length`).
     """
     batch, heads, length, _ = query.shape
-    # The recursion's geometry: at every level each segment is padded to an even length and halved.
-    levels, size = [], length
+    halves, size = [], length
     while size > approx.min_seq_len:
-        levels.append((size, (size + 1) // 2))
-        size = (size + 1) // 2
+        size //= 2
+        halves.append(size)
     # The recursion draws the residual's samples on its way back up, the deepest level first: draw them so.
     drawn = {}
-    for depth in reversed(range(len(levels))):
-        half = levels[depth][1]
+    for depth in reversed(range(len(halves))):
+        half = halves[depth]
         if half >= approx.min_seq_len and half > approx.block_size and approx.sample_size > 0:
             drawn[depth] = _draw_residual_keys(approx, batch, half, 2**depth)
 
     output = torch.zeros(batch, heads, length, value.shape[-1], dtype=torch.float32, device=query.device)
     lse = torch.full((batch, heads, length), -math.inf, device=query.device)
-    positions = torch.arange(length, device=query.device).view(1, length)  # (segments, tokens); -1: padding
+    positions = torch.arange(length, device=query.device).view(1, length)  # (segments, tokens)
     tensors = [query, key, value]  # (batch, heads · segments, tokens, dim), as the recursion reshapes them
-    for depth, (size, half) in enumerate(levels):
-        if size % 2:
-            for index in range(3):  # one at a time, so that at most one extra copy exists
-                tensors[index] = F.pad(tensors[index], (0, 0, 0, 1))
-            positions = F.pad(positions, (0, 1), value=-1)
+    for depth, half in enumerate(halves):
         past = (tensors[0][:, :, half:], tensors[1][:, :, :half], tensors[2][:, :, :half])
         if half >= approx.min_seq_len:
             piece, piece_lse = _hyper_attention_with_lse(*past, dataclasses.replace(approx, drawn=drawn.get(depth)))
@@ -287,13 +282,14 @@ def _causal_attention_by_levels(query, key, value, approx: _Approximation) -> tu
 
 
 def _merge_into(output, lse, piece, piece_lse, positions, chunk: int = 2**16) -> None:
-    """Merge a piece `(b, h · S, m, d)` whose S segments hold the tokens `positions` `(S, m)` (-1: padding,
-    dropped) into the whole sequence's `output` `(b, h, L, d)` and `lse` `(b, h, L)`, in place."""
+    """Merge a piece `(b, h · S, m, d)` whose S segments hold the tokens `positions` `(S, m)` into the whole
+    sequence's `output` `(b, h, L, d)` and `lse` `(b, h, L)`, in place, `chunk` tokens at a time."""
     batch, heads = output.shape[:2]
     piece = piece.reshape(batch, heads, positions.numel(), piece.shape[-1])
     piece_lse = piece_lse.reshape(batch, heads, positions.numel())
     flat = positions.reshape(-1)
-    for rows in torch.nonzero(flat >= 0).squeeze(1).split(chunk):
+    for start in range(0, flat.numel(), chunk):
+        rows = slice(start, start + chunk)
         index = flat[rows]
         merged, merged_lse = _merge(output[:, :, index], lse[:, :, index], piece[:, :, rows], piece_lse[:, :, rows],
                                     in_place=True)
