@@ -70,6 +70,9 @@ class XTSelfAttention(nn.Module):
         output, weights = self.attend(query, key, value)
         return self.proj(output.reshape(batch, length, hidden)), weights
 
+    def uses_hyper_attention(self, length: int) -> bool:
+        return self.config.context_long_sequence_attention == "hyper" and length > self.config.hyper_min_seq_len
+
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, first_head: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -78,9 +81,8 @@ class XTSelfAttention(nn.Module):
         `first_head` says which of the layer's heads `query` starts at when it holds only some of them, so
         that HyperAttention draws for them what it draws in the all-heads call.
         """
-        length = query.shape[2]
         implementation = self.config._attn_implementation or "sdpa"
-        if self.config.context_long_sequence_attention == "hyper" and length > self.config.hyper_min_seq_len:
+        if self.uses_hyper_attention(query.shape[2]):
             output = hyper_attention(
                 query, key, value, scale=self.scale, causal=self.is_causal,
                 lsh_num_projs=self.config.hyper_lsh_num_projs, block_size=self.config.hyper_block_size,
@@ -155,10 +157,9 @@ class XTAttentionBlock(GradientCheckpointingLayer):
         bias = None if attention.qkv.bias is None else attention.qkv.bias.view(3, heads, head_dim)
         merged = torch.empty_like(hidden_states)  # the heads' outputs side by side, as `proj` expects them
         # Causal HyperAttention pads the sequence with zero rows: giving it them up front spares a copy of q/k/v.
-        config = attention.config
         padded = length
-        if attention.is_causal and config.context_long_sequence_attention == "hyper" and length > config.hyper_min_seq_len:
-            padded = causal_padded_length(length, config.hyper_min_seq_len)
+        if attention.is_causal and attention.uses_hyper_attention(length):
+            padded = causal_padded_length(length, attention.config.hyper_min_seq_len)
         for head in range(heads):
             head_weight = weight[:, head].reshape(3 * head_dim, hidden)
             head_bias = None if bias is None else bias[:, head].reshape(3 * head_dim)

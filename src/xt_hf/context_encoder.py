@@ -115,7 +115,7 @@ class XTContextEncoder(nn.Module):
             tokens=tokens,
             cls_state=cls_state,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions and all_attentions and all_attentions[0] is not None else None,
+            attentions=tuple(all_attentions) if output_attentions and all_attentions[0] is not None else None,
         )
 
     def _add_cls(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -155,9 +155,10 @@ def segment_streaming(
     features of all regions: returns the map's `(height, width)`.
 
     Pass one encodes every region and keeps only its context-encoder tokens (`encode_context_streaming`).
-    Pass two re-encodes the regions chunk by chunk, decodes each with its slice of the context tokens (`XTForSemanticSegmentation.decode_regions`) and writes the argmax
-    straight into `output`: a `.zarr` directory or a tiled `.tif`, uint8 (uint16 beyond 256 classes), at
-    `1 / decoder_output_stride` of the input resolution. Existing outputs are refused unless `overwrite`.
+    Pass two re-encodes the regions chunk by chunk, decodes each with its slice of the context tokens
+    (`XTForSemanticSegmentation.decode_regions`) and writes the argmax straight into `output`: a `.zarr`
+    directory or a tiled `.tif`, uint8 (uint16 beyond 256 classes), at `1 / decoder_output_stride` of the
+    input resolution. Existing outputs are refused unless `overwrite`.
     """
     from pathlib import Path
 
