@@ -229,6 +229,40 @@ def test_causal_inference_level_by_level_matches_the_autograd_recursion(length):
     torch.testing.assert_close(by_levels, recursive.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("length", [300, 512])
+def test_inference_in_small_chunks_of_rows_matches_the_autograd_path(causal, length, monkeypatch):
+    """Without autograd every piece is computed and merged a chunk of rows at a time (by sorted blocks, or by
+    causal segments): with chunks of a few rows, over a batch of two, the result must not change."""
+    import xt_hf.hyper_attention as module
+
+    generator = torch.Generator().manual_seed(3)
+    query, key, value = (torch.randn(2, 3, length, HEAD_DIM, generator=generator) for _ in range(3))
+    with_autograd = hyper_attention(*(t.clone().requires_grad_() for t in (query, key, value)), scale=SCALE,
+                                    causal=causal, **SMALL)
+    monkeypatch.setattr(module, "_ROWS_PER_CHUNK", 40)
+    with torch.no_grad():
+        chunked = hyper_attention(query, key, value, scale=SCALE, causal=causal, heads_at_once=1, **SMALL)
+    torch.testing.assert_close(chunked, with_autograd.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_out_receives_the_result_in_place_of_a_new_tensor(causal):
+    query, key, value = random_qkv(length=300)
+    expected = hyper_attention(query, key, value, scale=SCALE, causal=causal, **SMALL)
+    # One head's slice of a (batch, L, heads · head_dim) buffer, as the context encoder's in-place block uses.
+    merged = torch.full((BATCH, 300, HEADS * HEAD_DIM), float("nan"))
+    with torch.no_grad():
+        for head in range(HEADS):
+            out = merged[..., head * HEAD_DIM : (head + 1) * HEAD_DIM].unsqueeze(1)
+            returned = hyper_attention(*(t[:, head : head + 1] for t in (query, key, value)), scale=SCALE,
+                                       causal=causal, head_range=(head, HEADS), out=out, **SMALL)
+            assert returned.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(merged.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        hyper_attention(query, key, value, scale=SCALE, causal=causal, out=torch.empty(1), **SMALL)
+
+
 def test_heads_at_a_time_leave_a_given_generator_as_the_all_heads_call_does():
     query, key, value = random_qkv(length=300)
     together, apart = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)

@@ -94,6 +94,32 @@ def test_prefetching_workers_give_the_same_features(image, model):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def resident_file_pages_mib() -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("RssFile:"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_reading_a_memmap_leaves_none_of_the_image_resident(tmp_path):
+    """Region by region through a .npy scene: its pages must not pile up in the process (a 29,000 × 25,000
+    scene is 2 GB), and what is read must still be the file's pixels."""
+    pixels = np.random.default_rng(0).integers(0, 256, (2048, 1536, 3), dtype=np.uint8)  # 9 MiB
+    np.save(tmp_path / "scene.npy", pixels)
+    del pixels
+    source = open_region_source(tmp_path / "scene.npy")
+    before = resident_file_pages_mib()
+    regions = [np.array(source.read(top, left, 256, 256)) for top in range(0, 2048, 256) for left in range(0, 1536, 256)]
+    assert resident_file_pages_mib() - before < 2
+    expected = np.load(tmp_path / "scene.npy")
+    assert all(np.array_equal(region, expected[top : top + 256, left : left + 256]) for region, (top, left) in
+               zip(regions, [(t, c) for t in range(0, 2048, 256) for c in range(0, 1536, 256)]))
+    # A writable or copy-on-write memmap keeps its pages: dropping them could lose a change.
+    writable = np.load(tmp_path / "scene.npy", mmap_mode="r+")
+    writable[0, 0] = 7
+    assert open_region_source(writable).read(0, 0, 256, 256)[0, 0, 0] == 7
+
+
 def test_sources_reject_bad_input_clearly(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         open_region_source(tmp_path / "missing.tif")

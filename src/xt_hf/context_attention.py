@@ -74,12 +74,14 @@ class XTSelfAttention(nn.Module):
         return self.config.context_long_sequence_attention == "hyper" and length > self.config.hyper_min_seq_len
 
     def attend(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, first_head: int = 0
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, first_head: int = 0,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of `(batch, heads, L, head_dim)` → `(batch, L, heads, head_dim)` and eager weights.
 
         `first_head` says which of the layer's heads `query` starts at when it holds only some of them, so
-        that HyperAttention draws for them what it draws in the all-heads call.
+        that HyperAttention draws for them what it draws in the all-heads call. `out` `(batch, heads, L', head_dim)`
+        receives the result (causal attention: its first `L' ≤ L` rows), as in `hyper_attention`.
         """
         implementation = self.config._attn_implementation or "sdpa"
         if self.uses_hyper_attention(query.shape[2]):
@@ -89,14 +91,19 @@ class XTSelfAttention(nn.Module):
                 sample_size=self.config.hyper_sample_size, min_seq_len=self.config.hyper_min_seq_len,
                 # Without autograd, one head at a time: the approximation's temporaries then cover one head.
                 heads_at_once=None if torch.is_grad_enabled() else 1,
-                head_range=(first_head, self.num_heads),
+                head_range=(first_head, self.num_heads), out=out,
             )
             return output.transpose(1, 2), None
         if implementation == "eager":
-            return eager_attention(query, key, value, scale=self.scale, causal=self.is_causal)
-        return ALL_ATTENTION_FUNCTIONS[implementation](
-            self, query, key, value, None, scaling=self.scale, dropout=0.0, is_causal=self.is_causal
-        )
+            output, weights = eager_attention(query, key, value, scale=self.scale, causal=self.is_causal)
+        else:
+            output, weights = ALL_ATTENTION_FUNCTIONS[implementation](
+                self, query, key, value, None, scaling=self.scale, dropout=0.0, is_causal=self.is_causal
+            )
+        if out is not None:
+            out.copy_(output[:, : out.shape[2]].transpose(1, 2))
+            output = out.transpose(1, 2)
+        return output, weights
 
 
 class XTGatedMLP(nn.Module):
@@ -168,9 +175,10 @@ class XTAttentionBlock(GradientCheckpointingLayer):
             for part in chunks:
                 projected = F.linear(self.input_layernorm(hidden_states[:, part]), head_weight, head_bias)
                 tokens_qkv[:, :, part] = projected.unflatten(-1, (3, head_dim)).permute(2, 0, 1, 3)
-            output, _ = attention.attend(*qkv, first_head=head)
-            merged[..., head * head_dim : (head + 1) * head_dim] = output[:, :length, 0]
-            del qkv, output
+            # The head's output goes straight into its columns of `merged` (its first `length` rows: the rest is
+            # padding); HyperAttention merges its pieces there without another output-sized buffer.
+            attention.attend(*qkv, first_head=head, out=merged[..., head * head_dim : (head + 1) * head_dim].unsqueeze(1))
+            del qkv
         for part in chunks:
             hidden_states[:, part] += attention.proj(merged[:, part])
         del merged

@@ -103,6 +103,7 @@ def hyper_attention(
     generator: torch.Generator | None = None,
     heads_at_once: int | None = None,
     head_range: tuple[int, int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention on `(batch, heads, L, head_dim)`, approximated by HyperAttention when `L > min_seq_len`.
 
@@ -118,6 +119,12 @@ def hyper_attention(
     would keep every head's temporaries for the backward pass anyway. `head_range=(first, total)` says that
     the inputs are heads `first, first + 1, ...` of a call over `total` heads: they then get that call's
     random draws, so a caller can project and attend one head at a time.
+
+    `out`, a `(batch, heads, L, head_dim_v)` tensor (for instance a slice of a larger buffer), receives the
+    result, which is then returned. Without autograd the approximation is merged straight into it when it is
+    float32, so no second output-sized buffer exists: for 10⁵-10⁶ tokens that is what limits. Causal
+    attention also takes an `out` of fewer rows, `L_out < L`: it receives the first `L_out` rows, which do
+    not depend on the rest (padding a caller appended, say).
     """
     if query.dim() != 4 or key.shape != query.shape or value.dim() != 4 or value.shape[:3] != key.shape[:3]:
         raise ValueError(
@@ -129,8 +136,16 @@ def hyper_attention(
             f"hyper_attention needs min_seq_len ≥ 1, block_size ≥ 1, sample_size ≥ 0 and lsh_num_projs ≥ 0; "
             f"got {min_seq_len}, {block_size}, {sample_size}, {lsh_num_projs}."
         )
+    length = query.shape[2]
+    if out is not None:
+        rows_fit = out.dim() == 4 and (out.shape[2] == length or (causal and out.shape[2] < length))
+        if not rows_fit or (out.shape[0], out.shape[1], out.shape[-1]) != (*query.shape[:2], value.shape[-1]):
+            raise ValueError(f"`out` must have the output's shape {(*query.shape[:3], value.shape[-1])} (causal: or "
+                             f"fewer rows), got {tuple(out.shape)}.")
+        length = out.shape[2]
     if query.shape[2] <= min_seq_len:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scale)
+        output = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scale)
+        return output if out is None else out.copy_(output[:, :, :length])
 
     if heads_at_once is not None and heads_at_once < 1:
         raise ValueError(f"`heads_at_once` must be None or ≥ 1, got {heads_at_once}.")
@@ -139,17 +154,19 @@ def hyper_attention(
     if first_head < 0 or first_head + heads > total_heads:
         raise ValueError(f"`head_range` {head_range} does not hold the inputs' {heads} heads.")
 
-    length = query.shape[2]
-    if causal and causal_padded_length(length, min_seq_len) > length:
+    padded = causal_padded_length(query.shape[2], min_seq_len) if causal else query.shape[2]
+    if padded > query.shape[2]:
         # Zero rows at the end, seen (causally) only by themselves, make every halving exact.
-        rows = causal_padded_length(length, min_seq_len) - length
-        query, key, value = (F.pad(tensor, (0, 0, 0, rows)) for tensor in (query, key, value))
+        query, key, value = (F.pad(tensor, (0, 0, 0, padded - query.shape[2])) for tensor in (query, key, value))
 
     if generator is None:
         generator = torch.Generator().manual_seed(HYPER_ATTENTION_SEED)
     initial_state = generator.get_state()
     step = min(heads_at_once or heads, heads)
-    output = None
+    needs_gradient = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if out is not None and needs_gradient:
+        raise ValueError("`out` is for inference: autograd cannot differentiate through it.")
+    output = out
     for start in range(0, heads, step):
         # Every head group replays the random stream from the start: the same projections, and it draws the
         # residual's samples for all heads and keeps its own, exactly as the all-heads call would.
@@ -164,18 +181,22 @@ def hyper_attention(
             heads=(first_head + start, first_head + min(start + step, heads), total_heads),
         )
         group = slice(start, start + step)
-        if not causal:
-            attend = _hyper_attention_with_lse
-        elif torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-            attend = _causal_attention_with_lse
+        inputs = (query[:, group], key[:, group], value[:, group])
+        if needs_gradient:
+            attend = _causal_attention_with_lse if causal else _hyper_attention_with_lse
+            part = attend(*inputs, approximation)[0][:, :, :length]
         else:
-            attend = _causal_attention_by_levels
-        part, _ = attend(query[:, group], key[:, group], value[:, group], approximation)
-        if step == heads:
-            return part[:, :, :length].to(query.dtype)
+            direct = None if output is None else output[:, group]
+            if direct is None or direct.dtype != torch.float32 or _rows_view(direct) is None:
+                direct = torch.empty(*inputs[0].shape[:2], length, value.shape[-1], device=query.device)
+            attend = _causal_attention_by_levels if causal else _hyper_attention_by_chunks
+            part = attend(*inputs, approximation, _Rows.over(direct))
+        if step == heads and out is None:
+            return part.to(query.dtype)
         if output is None:
             output = query.new_empty(*query.shape[:2], length, value.shape[-1])
-        output[:, group] = part[:, :, :length]
+        if part.data_ptr() != output[:, group].data_ptr():
+            output[:, group] = part
     return output
 
 
@@ -241,15 +262,17 @@ def _causal_attention_with_lse(query, key, value, approx: _Approximation) -> tup
     return output, lse
 
 
-def _causal_attention_by_levels(query, key, value, approx: _Approximation) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_causal_attention_with_lse` without autograd, level by level instead of recursively.
+def _causal_attention_by_levels(query, key, value, approx: _Approximation, rows: _Rows) -> torch.Tensor:
+    """`_causal_attention_with_lse`'s output without autograd, level by level instead of recursively, merged
+    into `rows` (whose tensor it returns).
 
     Same pieces, same random draws, same result up to the order in which pieces are merged. The recursion
-    keeps every level's outputs alive until it unwinds; here each level's non-causal block is merged
-    straight into one output, and every level's halves are views of the inputs (`L` is a
-    `causal_padded_length`).
+    keeps every level's outputs alive until it unwinds; here every piece is computed a chunk of rows at a
+    time and merged straight into one float32 output of `(batch, heads, L_out, d_v)` (`L_out ≤ L`: the rows
+    past `L_out` are padding, dropped), and every level's halves are views of the inputs (`L` is a
+    `causal_padded_length`). So besides q/k/v and the output only chunks exist.
     """
-    batch, heads, length, _ = query.shape
+    batch, _, length, _ = query.shape
     halves, size = [], length
     while size > approx.min_seq_len:
         size //= 2
@@ -261,62 +284,136 @@ def _causal_attention_by_levels(query, key, value, approx: _Approximation) -> tu
         if half >= approx.min_seq_len and half > approx.block_size and approx.sample_size > 0:
             drawn[depth] = _draw_residual_keys(approx, batch, half, 2**depth)
 
-    output = torch.zeros(batch, heads, length, value.shape[-1], dtype=torch.float32, device=query.device)
-    lse = torch.full((batch, heads, length), -math.inf, device=query.device)
-    positions = torch.arange(length, device=query.device).view(1, length)  # (segments, tokens)
     tensors = [query, key, value]  # (batch, heads · segments, tokens, dim), as the recursion reshapes them
     for depth, half in enumerate(halves):
+        # Segment s of a head holds the tokens s · 2·half ... (s + 1) · 2·half: its second half's queries see
+        # its whole first half.
         past = (tensors[0][:, :, half:], tensors[1][:, :, :half], tensors[2][:, :, :half])
         if half >= approx.min_seq_len:
-            piece, piece_lse = _hyper_attention_with_lse(*past, dataclasses.replace(approx, drawn=drawn.get(depth)))
+            pieces = _hyper_attention_chunks(*past, dataclasses.replace(approx, drawn=drawn.get(depth)),
+                                             rows_per_chunk=_ROWS_PER_CHUNK)
         else:
-            piece, piece_lse = _attention_with_lse(*past, scale=approx.scale, query_chunk=approx.block_size)
-        del past
-        _merge_into(output, lse, piece, piece_lse, positions[:, half:])
-        del piece, piece_lse
+            pieces = _exact_attention_chunks(*past, approx, causal=False)
+        for piece, piece_lse, local, first in pieces:
+            rows.merge(piece, piece_lse, local, first, segments=2**depth, segment_length=2 * half, offset=half)
         tensors = [tensor.reshape(batch, tensor.shape[1] * 2, half, tensor.shape[-1]) for tensor in tensors]
-        positions = positions.reshape(-1, half)
-    piece, piece_lse = _attention_with_lse(*tensors, scale=approx.scale, causal=True, query_chunk=approx.block_size)
-    _merge_into(output, lse, piece, piece_lse, positions)
-    return output, lse
+    for piece, piece_lse, local, first in _exact_attention_chunks(*tensors, approx, causal=True):
+        rows.merge(piece, piece_lse, local, first, segments=2 ** len(halves), segment_length=tensors[0].shape[2],
+                   offset=0)
+    return rows.target
 
 
-def _merge_into(output, lse, piece, piece_lse, positions, chunk: int = 2**16) -> None:
-    """Merge a piece `(b, h · S, m, d)` whose S segments hold the tokens `positions` `(S, m)` into the whole
-    sequence's `output` `(b, h, L, d)` and `lse` `(b, h, L)`, in place, `chunk` tokens at a time."""
-    batch, heads = output.shape[:2]
-    piece = piece.reshape(batch, heads, positions.numel(), piece.shape[-1])
-    piece_lse = piece_lse.reshape(batch, heads, positions.numel())
-    flat = positions.reshape(-1)
-    for start in range(0, flat.numel(), chunk):
-        rows = slice(start, start + chunk)
-        index = flat[rows]
-        merged, merged_lse = _merge(output[:, :, index], lse[:, :, index], piece[:, :, rows], piece_lse[:, :, rows],
+def _hyper_attention_by_chunks(query, key, value, approx: _Approximation, rows: _Rows) -> torch.Tensor:
+    """Non-causal HyperAttention without autograd, a chunk of sorted blocks at a time, into `rows`."""
+    for piece, piece_lse, local, first in _hyper_attention_chunks(query, key, value, approx,
+                                                                 rows_per_chunk=_ROWS_PER_CHUNK):
+        rows.merge(piece, piece_lse, local, first, segments=1, segment_length=query.shape[2], offset=0)
+    return rows.target
+
+
+_ROWS_PER_CHUNK = 2**15  # query rows per chunk of a piece without autograd: 16 MiB per float32 head_dim-128 tensor
+
+
+@dataclass
+class _Rows:
+    """The float32 output `(batch, heads, L_out, d_v)` of an attention and its log-sum-exps, flattened to rows,
+    that pieces of `(batch, heads · segments, n)` rows are merged into."""
+
+    target: torch.Tensor
+    output: torch.Tensor  # target as (batch · heads · L_out, d_v), a view
+    lse: torch.Tensor  # (batch · heads · L_out,)
+    heads: int
+    length: int
+
+    @classmethod
+    def over(cls, target: torch.Tensor) -> _Rows:
+        """Rows of `target` (zeroed: nothing merged yet), which must be float32 and viewable as rows."""
+        batch, heads, length, _ = target.shape
+        lse = torch.full((batch * heads * length,), -math.inf, device=target.device)
+        return cls(target, _rows_view(target.zero_()), lse, heads, length)
+
+    def merge(self, piece, piece_lse, local, first: int, *, segments: int, segment_length: int, offset: int) -> None:
+        """Merge `piece` `(b, n_j, n, d_v)` of the problems `j = first, first + 1, ...` of `heads · segments`:
+        its row `(j, i)` is token `offset + local[.., j, i]` of segment `j % segments` (`segment_length` tokens
+        each) of head `j // segments`. Rows past `L_out` (padding) are dropped."""
+        batch, count = piece.shape[:2]
+        j = torch.arange(first, first + count, device=piece.device).view(1, count, 1)
+        position = (j % segments) * segment_length + offset + local
+        flat = (torch.arange(batch, device=piece.device).view(-1, 1, 1) * self.heads + j // segments) * self.length
+        flat = (flat + position).reshape(-1)
+        piece, piece_lse = piece.reshape(-1, piece.shape[-1]), piece_lse.reshape(-1)
+        if (position >= self.length).any():  # the zero rows that pad a causal sequence
+            keep = (position < self.length).expand(batch, -1, -1).reshape(-1)
+            flat, piece, piece_lse = flat[keep], piece[keep], piece_lse[keep]
+        merged, merged_lse = _merge(self.output.index_select(0, flat), self.lse.index_select(0, flat), piece, piece_lse,
                                     in_place=True)
-        output[:, :, index] = merged
-        lse[:, :, index] = merged_lse
+        self.output.index_copy_(0, flat, merged)
+        self.lse.index_copy_(0, flat, merged_lse)
+
+
+def _exact_attention_chunks(query, key, value, approx: _Approximation, *, causal: bool):
+    """Exact attention of `(b, S, n_q, d)` × `(b, S, n_k, d)` a few of the S problems at a time: yields their
+    float32 outputs, log-sum-exps, row numbers `(1, s, n_q)` and the first problem's number."""
+    batch, count, num_queries, _ = query.shape
+    step = max(1, _ROWS_PER_CHUNK // (batch * num_queries))
+    local = torch.arange(num_queries, device=query.device).view(1, 1, -1)
+    for first in range(0, count, step):
+        group = slice(first, first + step)
+        output, lse = _attention_with_lse(query[:, group], key[:, group], value[:, group], scale=approx.scale,
+                                          causal=causal, query_chunk=approx.block_size)
+        yield output, lse, local.expand(1, output.shape[1], -1), first
 
 
 def _hyper_attention_with_lse(query, key, value, approx: _Approximation) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal HyperAttention `(b, h, n_q, d)` × `(b, h, n_k, d)` → float32 output and log-sum-exp."""
-    num_queries, num_keys = query.shape[2], key.shape[2]
-    query_order = approx.lsh.hash(query).argsort(dim=-1, stable=True)
-    key_order = approx.lsh.hash(key).argsort(dim=-1, stable=True)
-    query, key, value = _take(query, query_order), _take(key, key_order), _take(value, key_order)
-
-    num_blocks = math.ceil(num_keys / approx.block_size)
-    query_block = math.ceil(num_queries / num_blocks)
-    output, lse = _block_diagonal_attention(query, key, value, num_blocks, query_block, approx)
-    if num_blocks > 1 and approx.sample_size > 0:
-        residual_output, residual_lse = _sampled_residual_attention(query, key, value, query_block, approx)
-        del query, key, value  # the sorted copies: not needed any more
-        output, lse = _merge(output, lse, residual_output, residual_lse, in_place=not torch.is_grad_enabled())
-        del residual_output, residual_lse
-
+    ((output, lse, query_order, _),) = _hyper_attention_chunks(query, key, value, approx)
     inverse = torch.empty_like(query_order).scatter_(
-        -1, query_order, torch.arange(num_queries, device=query_order.device).expand_as(query_order)
+        -1, query_order, torch.arange(query.shape[2], device=query_order.device).expand_as(query_order)
     )
     return _take(output, inverse), lse.gather(-1, inverse)
+
+
+def _hyper_attention_chunks(query, key, value, approx: _Approximation, rows_per_chunk: int | None = None):
+    """Non-causal HyperAttention `(b, h, n_q, d)` × `(b, h, n_k, d)` by groups of sorted blocks.
+
+    Yields float32 outputs `(b, h, n, d_v)` and log-sum-exps `(b, h, n)` of a group of query blocks (all at
+    once when `rows_per_chunk` is None, else about that many rows at a time), with the rows' places in
+    `query` `(b, h, n)` and 0 (the first of the h problems). Each group gathers only its own queries and keys in
+    sorted order.
+    """
+    batch, heads, num_queries, _ = query.shape
+    num_keys = key.shape[2]
+    query_order = approx.lsh.hash(query).argsort(dim=-1, stable=True)
+    key_order = approx.lsh.hash(key).argsort(dim=-1, stable=True)
+    num_blocks = math.ceil(num_keys / approx.block_size)
+    query_block = math.ceil(num_queries / num_blocks)
+    with_residual = num_blocks > 1 and approx.sample_size > 0
+    if with_residual:
+        # Every query also sees `sample_size` keys drawn uniformly from the sorted keys (see
+        # `_sampled_residual_attention`); they are the same for every group of blocks.
+        first, stop, _ = approx.heads
+        drawn = approx.drawn if approx.drawn is not None else _draw_residual_keys(approx, batch, num_keys,
+                                                                                  heads // (stop - first))
+        drawn = drawn.to(query.device)
+        sampled = key_order.gather(-1, drawn)
+        residual = (_take(key, sampled), _take(value, sampled), drawn // approx.block_size)
+
+    step = num_blocks if rows_per_chunk is None else max(1, rows_per_chunk // (batch * heads * query_block))
+    for first_block in range(0, num_blocks, step):
+        blocks = min(step, num_blocks - first_block)
+        queries = query_order[..., first_block * query_block : (first_block + blocks) * query_block]
+        if queries.shape[-1] == 0:
+            break
+        keys = key_order[..., first_block * approx.block_size : (first_block + blocks) * approx.block_size]
+        sorted_query = _take(query, queries)
+        output, lse = _block_diagonal_attention(sorted_query, _take(key, keys), _take(value, keys), blocks,
+                                                query_block, approx)
+        if with_residual:
+            residual_output, residual_lse = _sampled_residual_attention(sorted_query, *residual, num_keys,
+                                                                        first_block * query_block, query_block, approx)
+            del sorted_query
+            output, lse = _merge(output, lse, residual_output, residual_lse, in_place=not torch.is_grad_enabled())
+        yield output, lse, queries, 0
 
 
 def _block_diagonal_attention(query, key, value, num_blocks, query_block, approx: _Approximation):
@@ -339,22 +436,17 @@ def _block_diagonal_attention(query, key, value, num_blocks, query_block, approx
     return output, lse.reshape(batch, heads, num_blocks * query_block)[:, :, :num_queries]
 
 
-def _sampled_residual_attention(query, key, value, query_block, approx: _Approximation):
-    """Attention to `sample_size` uniformly drawn keys outside the query's block, reweighted to the rest.
+def _sampled_residual_attention(query, sampled_key, sampled_value, sampled_block, num_keys, first_query, query_block,
+                                approx: _Approximation):
+    """Attention of sorted queries `first_query, first_query + 1, ...` to the `sample_size` keys drawn uniformly
+    from all `num_keys` sorted keys (`sampled_block`: their blocks), except those of the query's own block.
 
-    Each draw is uniform over all `n_k` keys and counts only when it falls outside the query's block,
-    so `n_k / sample_size · Σ_draws exp(score)` is an unbiased estimate of the off-block softmax sum.
+    Each draw counts only when it falls outside the query's block, so `n_k / sample_size · Σ_draws exp(score)`
+    is an unbiased estimate of the off-block softmax sum.
     """
-    batch, heads, num_queries, _ = query.shape
-    num_keys = key.shape[2]
-    first, stop, _ = approx.heads
-    split = heads // (stop - first)  # 2^depth of the causal recursion
-    drawn = approx.drawn if approx.drawn is not None else _draw_residual_keys(approx, batch, num_keys, split)
-    drawn = drawn.to(query.device)
-    query_blocks = torch.arange(num_queries, device=query.device) // query_block
-    same_block = query_blocks.view(1, 1, -1, 1) == (drawn // approx.block_size).unsqueeze(2)
-    output, lse = _attention_with_lse(query, _take(key, drawn), _take(value, drawn), scale=approx.scale,
-                                      hidden=same_block)
+    query_blocks = (first_query + torch.arange(query.shape[2], device=query.device)) // query_block
+    same_block = query_blocks.view(1, 1, -1, 1) == sampled_block.unsqueeze(2)
+    output, lse = _attention_with_lse(query, sampled_key, sampled_value, scale=approx.scale, hidden=same_block)
     return output, lse + math.log(num_keys / approx.sample_size)
 
 
@@ -443,6 +535,14 @@ def _merge(output_a, lse_a, output_b, lse_b, *, in_place: bool = False) -> tuple
     if in_place:
         return output_a.mul_(weight_a).add_(output_b.mul_(weight_b)), lse
     return output_a * weight_a + output_b * weight_b, lse
+
+
+def _rows_view(tensor: torch.Tensor) -> torch.Tensor | None:
+    """`(b, h, n, d)` seen as `(b · h · n, d)` rows without a copy, or None where its strides do not allow it."""
+    try:
+        return tensor.view(-1, tensor.shape[-1])
+    except RuntimeError:
+        return None
 
 
 def _take(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

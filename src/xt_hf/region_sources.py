@@ -8,6 +8,7 @@ forwards agree.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -47,8 +48,31 @@ class ArraySource:
         self.channels = shape[2] if len(shape) == 3 else 1
 
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
-        window = np.asarray(self.array[top : top + height, left : left + width])
+        window = np.array(self.array[top : top + height, left : left + width])
+        if isinstance(self.array, np.memmap):
+            _release_memmap_rows(self.array, top, top + height)
         return window[..., None] if window.ndim == 2 else window
+
+
+def _release_memmap_rows(array: np.memmap, start: int, stop: int) -> None:
+    """Unmap the pages of rows `start:stop` of a read-only, C-contiguous memmap once they have been read.
+
+    A memmap's pages stay mapped, and counted in the process's memory, until the mapping closes: reading a
+    29,000 × 25,000 px scene region by region would otherwise end with all 2 GB of it resident. Dropping them
+    from a read-only mapping loses nothing (a later read maps them again from the page cache or the file).
+    Copy-on-write and writable memmaps are left alone: there a page may hold the only copy of a change.
+    """
+    buffer = getattr(array, "_mmap", None)
+    if buffer is None or array.mode != "r" or not array.flags.c_contiguous or not hasattr(buffer, "madvise"):
+        return
+    row_bytes = array.strides[0]
+    base = np.frombuffer(buffer, dtype=np.uint8).ctypes.data  # the mapping's first byte
+    first = array.ctypes.data - base + start * row_bytes
+    last = min(array.ctypes.data - base + min(stop, array.shape[0]) * row_bytes, len(buffer))
+    page = mmap.PAGESIZE
+    first -= first % page
+    if last > first:
+        buffer.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 class SlideSource:
