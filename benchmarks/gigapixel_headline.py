@@ -1,20 +1,22 @@
 """The headline run: a 29,000 × 25,000 px image through xT with a Swin-v2-T region encoder, on CPU.
 
+    python benchmarks/gigapixel_headline.py full --workdir /tmp/headline      # image → logits, one process
+
+`full` is what a user runs: `xt_hf.streaming.predict_streaming` on a random uint8 image stored as a `.npy`
+memmap (written first, in a separate process, band by band), `region_batch_size` regions at a time, then
+the context encoder over the whole token grid and the classifier. It prints one JSON line (the process's
+peak RSS, seconds) and appends it to `workdir/results.jsonl`.
+
 On two cores the region encoder alone takes over an hour (about 11,200 regions of 256 px), so the run
-is split where xT itself splits it, at the stitched token grid, and each half is measured in its own
-process:
+can also be split where xT itself splits it, at the stitched token grid, each half in its own process:
 
     python benchmarks/gigapixel_headline.py encode  --workdir /tmp/headline   # regions → stitched grid (.npy)
     python benchmarks/gigapixel_headline.py context --workdir /tmp/headline   # grid → context encoder → logits
 
-`encode` streams the regions of a random uint8 image (written to `workdir` as a memmap, band by band)
-through the region encoder `region_batch_size` at a time, keeps only the deepest stage's stitched grid,
-and saves it. `context` reads that grid back a band at a time into the context encoder's tokens, as
-`xt_hf.streaming.encode_context_streaming` embeds each chunk of regions as it arrives, and runs the
-context encoder and the classifier. Both build the same model from one seed. A single-process run holds
-at most what the larger of the two holds: a grid-sized buffer plus either one chunk of regions or the
-context encoder's working memory. Each stage prints one
-JSON line (peak RSS of the process, seconds) and appends it to `workdir/results.jsonl`.
+`encode` streams the regions through the region encoder and saves the deepest stage's stitched grid.
+`context` reads that grid back a band at a time into the context encoder's tokens, as
+`encode_context_streaming` embeds each chunk of regions as it arrives, and runs the context encoder and
+the classifier. All stages build the same model from one seed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gigapixel import SWIN_T, write_image  # noqa: E402
+from gigapixel import SWIN_T  # noqa: E402
 
 
 def build_model():
@@ -46,12 +49,30 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def image(workdir: Path, height: int, width: int) -> Path:
+    """The random test image's path, written first by another process so that its pages are not this one's."""
+    path = workdir / f"image_{height}x{width}.npy"
+    if not path.exists():
+        code = f"from gigapixel import write_image; from pathlib import Path; write_image(Path({str(path)!r}), {height}, {width})"
+        subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, check=True)
+    return path
+
+
+def full(workdir: Path, height: int, width: int, region_batch_size: int) -> dict:
+    from xt_hf.streaming import predict_streaming
+
+    path = image(workdir, height, width)
+    model = build_model()
+    start = time.perf_counter()
+    logits = predict_streaming(model, path, region_batch_size=region_batch_size, progress=True)
+    return {"stage": "full", "height": height, "width": width, "seconds": time.perf_counter() - start,
+            "peak_rss_gib": peak_rss_gib(), "logits": [round(v, 5) for v in logits[0].tolist()]}
+
+
 def encode(workdir: Path, height: int, width: int, region_batch_size: int) -> dict:
     from xt_hf.streaming import encode_regions_streaming
 
-    image_path = workdir / f"image_{height}x{width}.npy"
-    if not image_path.exists():
-        write_image(image_path, height, width)
+    image_path = image(workdir, height, width)
     model = build_model()
     start = time.perf_counter()
     (grid,) = encode_regions_streaming(model, np.load(image_path, mmap_mode="r"), region_batch_size=region_batch_size,
@@ -89,14 +110,16 @@ def context(workdir: Path, height: int, width: int, band_rows: int = 16) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=["encode", "context"])
+    parser.add_argument("stage", choices=["full", "encode", "context"])
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--height", type=int, default=29000)
     parser.add_argument("--width", type=int, default=25000)
     parser.add_argument("--region-batch-size", type=int, default=16)
     arguments = parser.parse_args()
     arguments.workdir.mkdir(parents=True, exist_ok=True)
-    if arguments.stage == "encode":
+    if arguments.stage == "full":
+        result = full(arguments.workdir, arguments.height, arguments.width, arguments.region_batch_size)
+    elif arguments.stage == "encode":
         result = encode(arguments.workdir, arguments.height, arguments.width, arguments.region_batch_size)
     else:
         result = context(arguments.workdir, arguments.height, arguments.width)

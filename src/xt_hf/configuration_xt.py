@@ -53,13 +53,14 @@ class XTConfig(PreTrainedConfig):
             released checkpoint computes whatever its config says.
         context_mlp_ratio (`float`, defaults to 4.0):
             Width of the gated MLP of attention blocks relative to `context_hidden_size`.
-        context_token_chunk_size (`int`, defaults to 16384):
+        context_token_chunk_size (`int`, defaults to 2048):
             Without gradients, the context encoder embeds and runs its per-token layers (norm, q/k/v
             projection, gated MLP) over this many tokens at a time, and a longer sequence runs attention one head
             at a time, updating the tokens in place, so that no widened or normalised copy of all tokens exists.
             Outputs are unchanged (up to float summation order inside matrix products). Measured
-            (`benchmarks/context_memory.py`, docs/gigapixel.md): the released encoder's peak growth over 65,536
-            tokens falls from 4.66 GB (plain) to 1.21 GB.
+            (`benchmarks/context_memory.py`, docs/gigapixel.md, 65,536 tokens of the released 768-wide encoder):
+            peak growth 4.66 GB with everything at once, 1.05 GB (1,002 MiB) with chunks of 16,384 tokens,
+            0.74 GB (708 MiB) with 2,048, in the same time.
         context_attention_causal (`bool`, defaults to `True`):
             Causal self-attention over the token sequence. *(released "hyper": True; "naive": False.)*
         context_attention_scale (`float`, *optional*):
@@ -156,7 +157,7 @@ class XTConfig(PreTrainedConfig):
     context_num_layers: int = 2
     context_num_heads: int | None = None
     context_mlp_ratio: float | int = 4.0
-    context_token_chunk_size: int = 16384
+    context_token_chunk_size: int = 2048
     context_attention_causal: bool = True
     context_attention_scale: float | None = None
     context_qkv_bias: bool = True
