@@ -2,8 +2,9 @@
 
 The region encoder's memory is bounded by `region_batch_size` whatever the image size; what grows with
 the image is the stitched token grid and the context encoder run over it. This measures that part in
-isolation (the released 768-wide, 2-layer HyperAttention encoder on a Swin-v2-T grid: one token per
-32 × 32 px) for image sides from 2,048 px up, each size in a fresh subprocess:
+isolation (the released 768-wide, 2-layer HyperAttention encoder, or with `--context mamba` the released
+768-wide, 4-layer Mamba encoder, on a Swin-v2-T grid: one token per 32 × 32 px) for image sides from
+2,048 px up, each size in a fresh subprocess:
 
     python benchmarks/context_memory.py --sides 2048 4096 8192 16384 --csv benchmarks/results/context_memory.csv
 
@@ -28,7 +29,7 @@ STRIDE = 32  # Swin-v2-T's deepest stage: one token per 32 × 32 px
 CHANNELS = 768
 
 
-def measure(height: int, width: int, chunk: int | None, dtype: str) -> dict:
+def measure(height: int, width: int, chunk: int | None, dtype: str, context: str) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -39,15 +40,19 @@ def measure(height: int, width: int, chunk: int | None, dtype: str) -> dict:
 
     torch.manual_seed(0)
     rows, cols = height // STRIDE, width // STRIDE
-    config = XTConfig(context_hidden_size=768, context_num_layers=2, context_long_sequence_attention="hyper",
-                      **({} if chunk is None else {"context_token_chunk_size": chunk}))
+    chunking = {} if chunk is None else {"context_token_chunk_size": chunk}
+    if context == "mamba":  # the released swin-*-mamba context encoder
+        config = XTConfig(context_encoder="mamba", context_hidden_size=768, context_num_layers=4, **chunking)
+    else:
+        config = XTConfig(context_hidden_size=768, context_num_layers=2, context_long_sequence_attention="hyper",
+                          **chunking)
     encoder = XTContextEncoder(config, CHANNELS).eval().to(getattr(torch, dtype))
     grid = torch.randn(1, CHANNELS, rows, cols, dtype=getattr(torch, dtype))
     start = time.perf_counter()
     with torch.inference_mode(), PeakRSS() as peak:
         encoder(grid)
     return {
-        "height": height, "width": width, "tokens": rows * cols, "dtype": dtype,
+        "context": context, "height": height, "width": width, "tokens": rows * cols, "dtype": dtype,
         "chunk": config.context_token_chunk_size, "seconds": round(time.perf_counter() - start, 2),
         "grid_mib": round(grid.numel() * grid.element_size() / 2**20, 1), "growth_mib": round(peak.growth_mib, 1),
     }
@@ -58,12 +63,13 @@ def main() -> None:
     parser.add_argument("--sides", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--extra", nargs="*", default=[], metavar="HxW", help="other image sizes, e.g. 29000x25000")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--context", default="hyper", choices=["hyper", "mamba"])
     parser.add_argument("--csv")
-    parser.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--_child", nargs=5, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments._child:
-        height, width, chunk, dtype = arguments._child
-        print(json.dumps(measure(int(height), int(width), None if chunk == "default" else int(chunk), dtype)))
+        height, width, chunk, dtype, context = arguments._child
+        print(json.dumps(measure(int(height), int(width), None if chunk == "default" else int(chunk), dtype, context)))
         return
 
     sizes = [(side, side) for side in arguments.sides] + [tuple(map(int, s.split("x"))) for s in arguments.extra]
@@ -72,7 +78,8 @@ def main() -> None:
     for height, width in sizes:
         for mode, chunk in (("unchunked", str(10**9)), ("chunked", "default")):
             result = subprocess.run(
-                [sys.executable, __file__, "--_child", str(height), str(width), chunk, arguments.dtype],
+                [sys.executable, __file__, "--_child", str(height), str(width), chunk, arguments.dtype,
+                 arguments.context],
                 capture_output=True, text=True,
             )
             if result.returncode:

@@ -8,8 +8,8 @@
 (b) whole image: transformers `Swinv2Model` with the same shapes on the full image at once.
 Each measurement runs in a fresh process whose address space is capped (`--memory-cap-gb`), so a
 baseline that does not fit fails with "OOM" instead of taking the machine down. Peak memory is the
-process's peak resident set (CPU) or `torch.cuda.max_memory_allocated` (GPU). Writes a CSV and, when
-matplotlib is installed, a PNG next to it.
+process's peak resident set (CPU) or `torch.cuda.max_memory_allocated` (GPU), in GiB (2³⁰ bytes).
+Writes a CSV and, when matplotlib is installed, a PNG next to it.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def child(kind: str, path: str, device_name: str, dtype_name: str) -> dict:
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"seconds": seconds, "peak_gb": peak, "height": height, "width": width}
+    return {"seconds": seconds, "peak_gib": peak, "height": height, "width": width}
 
 
 def measure(kind: str, path: Path, arguments) -> dict:
@@ -110,16 +110,16 @@ def main() -> None:
                 if side not in wanted:
                     continue
                 result = measure(kind, path, arguments)
-                rows.append({"model": kind, "side": side, **{k: result.get(k) for k in ("status", "seconds", "peak_gb")}})
+                rows.append({"model": kind, "side": side, **{k: result.get(k) for k in ("status", "seconds", "peak_gib")}})
                 print(f"{kind:12s} {side:6d}²  {result['status']:5s}  "
-                      f"{result.get('seconds') or float('nan'):8.1f} s  {result.get('peak_gb') or float('nan'):6.2f} GB",
+                      f"{result.get('seconds') or float('nan'):8.1f} s  {result.get('peak_gib') or float('nan'):6.2f} GiB",
                       flush=True)
                 if result["status"] != "ok" and kind == "whole_image":
                     baseline_sides = [s for s in baseline_sides if s < side]  # larger ones cannot fit either
             path.unlink()
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
     with arguments.output.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["model", "side", "status", "seconds", "peak_gb"])
+        writer = csv.DictWriter(handle, fieldnames=["model", "side", "status", "seconds", "peak_gib"])
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {arguments.output}")
@@ -134,9 +134,9 @@ def main() -> None:
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for kind, label in (("xt", "xT streaming (Swin-v2-T regions)"), ("whole_image", "Swin-v2-T, whole image")):
         done = [r for r in rows if r["model"] == kind and r["status"] == "ok"]
-        axes[0].plot([r["side"] for r in done], [r["peak_gb"] for r in done], "o-", label=label)
+        axes[0].plot([r["side"] for r in done], [r["peak_gib"] for r in done], "o-", label=label)
         axes[1].plot([r["side"] for r in done], [r["seconds"] for r in done], "o-", label=label)
-    for axis, title in zip(axes, ("peak memory (GB)", "time (s)")):
+    for axis, title in zip(axes, ("peak memory (GiB)", "time (s)")):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("image side (px)")

@@ -270,3 +270,41 @@ def test_cuda_kernels_match_the_plain_path():
         mixer.use_fast_path = False
         plain = mixer(hidden_states)
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+
+
+# ---- inference in place, chunk by chunk -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer_idx,residual_from_normed", [(0, True), (1, True), (1, False), (2, False)])
+@pytest.mark.parametrize("chunk", [1, 2, 5, 23])
+def test_in_place_chunks_equal_the_whole_sequence_forward(layer_idx, residual_from_normed, chunk):
+    """Gigapixel inference updates the tokens a chunk at a time in scan order (backwards on even layers),
+    carrying the convolution's inputs and the scan's state: the result is the whole-sequence forward's."""
+    block = XTMambaBlock(mamba_config(mamba_residual_from_normed=residual_from_normed,
+                                      context_token_chunk_size=chunk), layer_idx=layer_idx)
+    randomise_norm(block)
+    hidden_states = torch.randn(2, 23, HIDDEN)
+    expected, _ = block(hidden_states)
+    updated = hidden_states.clone()
+    assert block.forward_in_place(updated) is not None
+    torch.testing.assert_close(updated, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_scan_continues_from_a_given_state():
+    inputs = scan_inputs(length=40)
+    whole = selective_scan(**inputs)
+    first = {name: value[..., :17] if value.dim() == 3 else value for name, value in inputs.items()}
+    rest = {name: value[..., 17:] if value.dim() == 3 else value for name, value in inputs.items()}
+    head, state = selective_scan(**first, return_final_state=True)
+    tail, _ = selective_scan(**rest, initial_state=state, return_final_state=True)
+    torch.testing.assert_close(torch.cat((head, tail), dim=-1), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_a_long_mamba_sequence_runs_in_place_without_autograd():
+    from xt_hf.context_encoder import XTContextEncoder
+
+    encoder = XTContextEncoder(mamba_config(context_num_layers=2, context_token_chunk_size=7), in_channels=8).eval()
+    grid = torch.randn(1, 8, 6, 5)
+    expected = encoder(grid).tokens
+    with torch.inference_mode():
+        torch.testing.assert_close(encoder(grid).tokens, expected, rtol=1e-5, atol=1e-5)

@@ -87,8 +87,8 @@ class XTContextEncoder(nn.Module):
     ) -> ContextEncoding:
         """Run the blocks over an embedded sequence `(batch, L [+ 1 CLS], hidden)`.
 
-        Without autograd, a long sequence (more than `context_token_chunk_size` tokens) of attention blocks
-        is updated in place, `tokens` included: see `XTAttentionBlock.forward_in_place`.
+        Without autograd, a long sequence (more than `context_token_chunk_size` tokens) is updated in place,
+        `tokens` included: see `XTAttentionBlock.forward_in_place` and `XTMambaBlock.forward_in_place`.
         """
         window = self.config.in_context_patches
         if 0 < window < tokens.shape[1]:
@@ -97,7 +97,8 @@ class XTContextEncoder(nn.Module):
         in_place = (
             not torch.is_grad_enabled() and not output_hidden_states and not output_attentions
             and tokens.shape[1] > self.config.context_token_chunk_size
-            and all(isinstance(layer, XTAttentionBlock) for layer in self.layers)
+            # mamba_ssm's CUDA scan over the whole sequence is far faster than chunks of the plain one.
+            and not any(isinstance(layer, XTMambaBlock) and layer.mixer.uses_kernels(tokens) for layer in self.layers)
         )
         all_hidden, all_attentions = [], []
         for layer in self.layers:

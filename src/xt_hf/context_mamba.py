@@ -7,6 +7,7 @@ and the tensors are on CUDA, their fused kernels compute the same thing faster.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,9 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     *,
     chunk_size: int = SCAN_CHUNK_SIZE,
-) -> torch.Tensor:
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mamba's selective scan in plain PyTorch, computed in float32, returned in `u.dtype`.
 
     `u`, `delta`, `z`: `(batch, inner, L)`; `A`: `(inner, state)`; `B`, `C`: `(batch, state, L)`; `D`,
@@ -56,6 +59,8 @@ def selective_scan(
     Time is processed `chunk_size` steps at a time so that no `(batch, inner, L, state)` tensor is ever
     built; only the `(batch, inner, state)` state is carried from one chunk to the next. (With autograd,
     backward still keeps every step's state: checkpoint the block to train on very long sequences.)
+    `initial_state` (`h_{-1}`, zeros by default) and `return_final_state` (then `(y, h_{L-1})` is returned,
+    float32) let a sequence be scanned piece by piece.
     """
     input_dtype = u.dtype
     u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
@@ -63,7 +68,7 @@ def selective_scan(
         delta = delta + delta_bias.float()[:, None]
     delta = F.softplus(delta)
     batch, inner, length = u.shape
-    state = u.new_zeros(batch, inner, A.shape[1])
+    state = u.new_zeros(batch, inner, A.shape[1]) if initial_state is None else initial_state.float()
     # Time first, so that every step reads and writes contiguous (batch, inner, state) slices.
     delta, drive_scale = delta.permute(2, 0, 1), (delta * u).permute(2, 0, 1)
     B, C = B.permute(2, 0, 1), C.permute(2, 0, 1)
@@ -84,7 +89,16 @@ def selective_scan(
         y = y + D.float()[:, None] * u
     if z is not None:
         y = y * F.silu(z.float())
-    return y.to(input_dtype)
+    return (y.to(input_dtype), state) if return_final_state else y.to(input_dtype)
+
+
+@dataclass
+class MambaCarry:
+    """What a Mamba mixer carries from one piece of a sequence to the next: the causal convolution's last
+    `d_conv - 1` inputs `(batch, inner, d_conv - 1)` and the scan's state `(batch, inner, state)`, float32."""
+
+    conv: torch.Tensor
+    scan: torch.Tensor
 
 
 class XTMambaMixer(nn.Module):
@@ -138,16 +152,34 @@ class XTMambaMixer(nn.Module):
         init.copy_(self.A_log, torch.log(A).expand(self.inner_size, -1))
         init.ones_(self.D)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`(batch, L, hidden)` → `(batch, L, hidden)`, scanning from position 0 to L-1."""
+    def uses_kernels(self, hidden_states: torch.Tensor) -> bool:
+        """Whether a whole-sequence forward of `hidden_states` runs mamba_ssm's CUDA selective scan."""
+        return self.use_fast_path and selective_scan_fn is not None and hidden_states.is_cuda
+
+    def new_carry(self, batch: int, *, device: torch.device, dtype: torch.dtype) -> MambaCarry:
+        """The carry of a sequence's start: zeros, as the convolution's padding and the scan's `h_{-1}`."""
+        conv = torch.zeros(batch, self.inner_size, self.conv1d.kernel_size[0] - 1, device=device, dtype=dtype)
+        return MambaCarry(conv, torch.zeros(batch, self.inner_size, self.state_size, device=device))
+
+    def forward(self, hidden_states: torch.Tensor, carry: MambaCarry | None = None) -> torch.Tensor:
+        """`(batch, L, hidden)` → `(batch, L, hidden)`, scanning from position 0 to L-1.
+
+        With `carry`, the input continues a sequence whose earlier pieces went through with the same
+        carry, which is updated to continue after this piece (plain PyTorch path).
+        """
         length = hidden_states.shape[1]
-        use_kernels = self.use_fast_path and selective_scan_fn is not None and hidden_states.is_cuda
+        use_kernels = carry is None and self.uses_kernels(hidden_states)
         # (batch, channels, L) with L contiguous: the layout both CUDA kernels expect.
         x, z = self.in_proj(hidden_states).transpose(1, 2).contiguous().chunk(2, dim=1)
         if use_kernels and causal_conv1d_fn is not None:
             x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-        else:
+        elif carry is None:
             x = F.silu(self.conv1d(x)[..., :length])
+        else:
+            # The previous piece's last inputs stand where the padding stood: a valid convolution.
+            x = torch.cat((carry.conv, x), dim=-1)
+            carry.conv = x[..., x.shape[-1] - carry.conv.shape[-1] :].clone()
+            x = F.silu(F.conv1d(x, self.conv1d.weight, self.conv1d.bias, groups=self.inner_size))
 
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
         dt = self.dt_proj.weight @ dt.transpose(1, 2)  # (batch, inner, L); the bias goes in as delta_bias
@@ -157,8 +189,11 @@ class XTMambaMixer(nn.Module):
         delta_bias = self.dt_proj.bias.float()
         if use_kernels:
             y = selective_scan_fn(*scan_inputs, z=z, delta_bias=delta_bias, delta_softplus=True)
-        else:
+        elif carry is None:
             y = selective_scan(*scan_inputs, z=z, delta_bias=delta_bias)
+        else:
+            y, carry.scan = selective_scan(*scan_inputs, z=z, delta_bias=delta_bias, initial_state=carry.scan,
+                                           return_final_state=True)
         return self.out_proj(y.transpose(1, 2))
 
 
@@ -176,6 +211,7 @@ class XTMambaBlock(GradientCheckpointingLayer):
         self.residual_from_normed = config.mamba_residual_from_normed
         self.norm = nn.LayerNorm(config.context_hidden_size, eps=config.context_layer_norm_eps)
         self.mixer = XTMambaMixer(config)
+        self.token_chunk_size = config.context_token_chunk_size
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, None]:
         """`(batch, L, hidden)` → `(batch, L, hidden)` and `None`, the (states, attention weights) pair that
@@ -188,3 +224,23 @@ class XTMambaBlock(GradientCheckpointingLayer):
         if self.reverse:
             hidden_states = hidden_states.flip(1)
         return hidden_states, None
+
+    @torch.no_grad()
+    def forward_in_place(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The same block without autograd, updating `hidden_states` `(batch, L, hidden)` in place, a chunk of
+        `context_token_chunk_size` tokens at a time in scan order.
+
+        The scan is causal in its direction, so once a chunk is done no later one needs its old states: the
+        mixer carries its convolution inputs and scan state over (`MambaCarry`), and memory holds the tokens
+        plus one chunk's widened activations, where the whole-sequence forward holds several `inner`-wide
+        copies of every token (in_proj's output alone is 4 × the tokens at the released width).
+        """
+        carry = self.mixer.new_carry(hidden_states.shape[0], device=hidden_states.device, dtype=hidden_states.dtype)
+        starts = range(0, hidden_states.shape[1], self.token_chunk_size)
+        for start in reversed(starts) if self.reverse else starts:
+            part = hidden_states[:, start : start + self.token_chunk_size]
+            piece = part.flip(1) if self.reverse else part
+            normed = self.norm(piece)
+            updated = (normed if self.residual_from_normed else piece) + self.mixer(normed, carry)
+            part.copy_(updated.flip(1) if self.reverse else updated)
+        return hidden_states
