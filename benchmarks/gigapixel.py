@@ -3,8 +3,9 @@
     python benchmarks/gigapixel.py [--quick] [--sides 1024,2048,4096] [--baseline-sides ...] [--memory-cap-gb 20]
 
 (a) xT streaming: Swin-v2-T region encoder (embed 96, depths 2-2-6-2, window 16, 256 px regions),
-    attention context encoder (2 layers, width 768; HyperAttention above 4,096 tokens), regions read
-    from a uint8 .npy memmap on disk, `region_batch_size` 16.
+    attention context encoder (2 layers, width 768; HyperAttention above 4,096 tokens) or with
+    `--context mamba` the released Mamba encoder (4 layers, width 768), regions read from a uint8 .npy
+    memmap on disk, `region_batch_size` 16.
 (b) whole image: transformers `Swinv2Model` with the same shapes on the full image at once.
 Each measurement runs in a fresh process whose address space is capped (`--memory-cap-gb`), so a
 baseline that does not fit fails with "OOM" instead of taking the machine down. Peak memory is the
@@ -40,7 +41,7 @@ def write_image(path: Path, height: int, width: int) -> None:
     image.flush()
 
 
-def child(kind: str, path: str, device_name: str, dtype_name: str) -> dict:
+def child(kind: str, path: str, device_name: str, dtype_name: str, context: str = "hyper") -> dict:
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
     image = np.load(path, mmap_mode="r")
     height, width = image.shape[:2]
@@ -49,8 +50,11 @@ def child(kind: str, path: str, device_name: str, dtype_name: str) -> dict:
         from xt_hf import XTConfig, XTForImageClassification
         from xt_hf.streaming import predict_streaming
 
-        config = XTConfig(region_size=256, backbone_config=SWIN_T, context_encoder="attention", context_hidden_size=768,
-                          context_num_layers=2, classifier="context", num_labels=10)
+        # The released 2-layer causal HyperAttention encoder, or the released 4-layer Mamba encoder.
+        layers = dict(context_encoder="mamba", context_num_layers=4) if context == "mamba" else dict(
+            context_encoder="attention", context_num_layers=2)
+        config = XTConfig(region_size=256, backbone_config=SWIN_T, context_hidden_size=768, classifier="context",
+                          num_labels=10, **layers)
         model = XTForImageClassification(config).to(device, dtype).eval()
         predict_streaming(model, image, region_batch_size=16)
     else:
@@ -72,7 +76,7 @@ def child(kind: str, path: str, device_name: str, dtype_name: str) -> dict:
 def measure(kind: str, path: Path, arguments) -> dict:
     cap = int(arguments.memory_cap_gb * 2**30)
     command = [sys.executable, __file__, "--child", kind, str(path), "--device", arguments.device,
-               "--dtype", arguments.dtype]
+               "--dtype", arguments.dtype, "--context", arguments.context]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=arguments.timeout,
         preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap))) if arguments.device == "cpu" else None,
@@ -90,17 +94,18 @@ def main() -> None:
     parser.add_argument("--baseline-sides", default="1024,2048,4096,5120,6144,8192")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--context", default="hyper", choices=["hyper", "mamba"], help="xT's context encoder")
     parser.add_argument("--memory-cap-gb", type=float, default=20.0)
     parser.add_argument("--timeout", type=int, default=3600)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "gigapixel.csv")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "IMAGE"), help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.child:
-        print(json.dumps(child(*arguments.child, arguments.device, arguments.dtype)))
+        print(json.dumps(child(*arguments.child, arguments.device, arguments.dtype, arguments.context)))
         return
 
-    sides = [512, 1024] if arguments.quick else [int(s) for s in arguments.sides.split(",")]
-    baseline_sides = [512, 1024] if arguments.quick else [int(s) for s in arguments.baseline_sides.split(",")]
+    sides = [512, 1024] if arguments.quick else [int(s) for s in arguments.sides.split(",") if s]
+    baseline_sides = [512, 1024] if arguments.quick else [int(s) for s in arguments.baseline_sides.split(",") if s]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for side in sorted(set(sides) | set(baseline_sides)):
