@@ -53,7 +53,8 @@ def image(workdir: Path, height: int, width: int) -> Path:
     """The random test image's path, written first by another process so that its pages are not this one's."""
     path = workdir / f"image_{height}x{width}.npy"
     if not path.exists():
-        code = f"from gigapixel import write_image; from pathlib import Path; write_image(Path({str(path)!r}), {height}, {width})"
+        code = (f"from pathlib import Path; from gigapixel import write_image; "
+                f"write_image(Path({str(path)!r}), {height}, {width})")
         subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, check=True)
     return path
 

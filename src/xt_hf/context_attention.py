@@ -177,7 +177,8 @@ class XTAttentionBlock(GradientCheckpointingLayer):
                 tokens_qkv[:, :, part] = projected.unflatten(-1, (3, head_dim)).permute(2, 0, 1, 3)
             # The head's output goes straight into its columns of `merged` (its first `length` rows: the rest is
             # padding); HyperAttention merges its pieces there without another output-sized buffer.
-            attention.attend(*qkv, first_head=head, out=merged[..., head * head_dim : (head + 1) * head_dim].unsqueeze(1))
+            head_output = merged[..., head * head_dim : (head + 1) * head_dim].unsqueeze(1)
+            attention.attend(*qkv, first_head=head, out=head_output)
             del qkv
         for part in chunks:
             hidden_states[:, part] += attention.proj(merged[:, part])
