@@ -182,20 +182,23 @@ def hyper_attention(
         )
         group = slice(start, start + step)
         inputs = (query[:, group], key[:, group], value[:, group])
+        target = None if output is None else output[:, group]
+        # Without autograd, pieces are merged straight into `output` when its rows can take float32 merges.
+        into_output = not needs_gradient and target is not None and target.dtype == torch.float32 and (
+            _rows_view(target) is not None)
         if needs_gradient:
             attend = _causal_attention_with_lse if causal else _hyper_attention_with_lse
             part = attend(*inputs, approximation)[0][:, :, :length]
         else:
-            direct = None if output is None else output[:, group]
-            if direct is None or direct.dtype != torch.float32 or _rows_view(direct) is None:
-                direct = torch.empty(*inputs[0].shape[:2], length, value.shape[-1], device=query.device)
+            if not into_output:
+                target = torch.empty(*inputs[0].shape[:2], length, value.shape[-1], device=query.device)
             attend = _causal_attention_by_levels if causal else _hyper_attention_by_chunks
-            part = attend(*inputs, approximation, _Rows.over(direct))
+            part = attend(*inputs, approximation, _Rows.over(target))
         if step == heads and out is None:
             return part.to(query.dtype)
         if output is None:
             output = query.new_empty(*query.shape[:2], length, value.shape[-1])
-        if part.data_ptr() != output[:, group].data_ptr():
+        if not into_output:
             output[:, group] = part
     return output
 

@@ -138,9 +138,9 @@ def _return_freed_memory() -> None:
     """Hand the region encoder's freed working memory back to the system before the context encoder's
     grid-sized buffers are allocated (glibc only; elsewhere nothing happens).
 
-    glibc keeps freed blocks below its mmap threshold (up to 32 MiB) in the heap for reuse: after a few
-    thousand Swin-v2-T chunks that was 0.39 GiB of free memory still counted in the process (measured at
-    4,096² px), which would otherwise add to the context encoder's peak.
+    glibc keeps freed blocks below its mmap threshold (up to 32 MiB) in the heap for reuse: after 40 chunks
+    of 16 Swin-v2-T regions that was 0.39 GiB of free memory still counted in the process (measured on a
+    4,096² px image), which would otherwise add to the context encoder's peak.
     """
     import ctypes
     import ctypes.util
