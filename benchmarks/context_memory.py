@@ -12,7 +12,8 @@ isolation (the released 768-wide, 2-layer HyperAttention encoder, or with `--con
 allocated before); `× grid` divides it by the token grid's own size. `chunked` uses the default
 `context_token_chunk_size` (token chunks, and in place head by head above it); `unchunked` sets it above
 the token count (the whole sequence at once, as a plain implementation does; HyperAttention still runs
-one head at a time).
+one head at a time); `spilled` is `chunked` with the token sequence (and the attention blocks' buffer of
+heads' outputs) in a file in a temporary directory (`--spill-dir`), released chunk by chunk (`xt_hf.spill`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import csv
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +31,7 @@ STRIDE = 32  # Swin-v2-T's deepest stage: one token per 32 × 32 px
 CHANNELS = 768
 
 
-def measure(height: int, width: int, chunk: int | None, dtype: str, context: str) -> dict:
+def measure(height: int, width: int, chunk: int | None, dtype: str, context: str, spill: str | None = None) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -50,11 +52,12 @@ def measure(height: int, width: int, chunk: int | None, dtype: str, context: str
     grid = torch.randn(1, CHANNELS, rows, cols, dtype=getattr(torch, dtype))
     start = time.perf_counter()
     with torch.inference_mode(), PeakRSS() as peak:
-        encoder(grid)
+        encoder(grid, spill_directory=spill)
     return {
         "context": context, "height": height, "width": width, "tokens": rows * cols, "dtype": dtype,
         "chunk": config.context_token_chunk_size, "seconds": round(time.perf_counter() - start, 2),
         "grid_mib": round(grid.numel() * grid.element_size() / 2**20, 1), "growth_mib": round(peak.growth_mib, 1),
+        "spilled": spill is not None,
     }
 
 
@@ -64,22 +67,28 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], metavar="HxW", help="other image sizes, e.g. 29000x25000")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--context", default="hyper", choices=["hyper", "mamba"])
+    parser.add_argument("--modes", default="unchunked,chunked,spilled")
+    parser.add_argument("--spill-dir", default=None, help="where `spilled` keeps its files (a temporary directory)")
     parser.add_argument("--csv")
-    parser.add_argument("--_child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--_child", nargs=6, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments._child:
-        height, width, chunk, dtype, context = arguments._child
-        print(json.dumps(measure(int(height), int(width), None if chunk == "default" else int(chunk), dtype, context)))
+        height, width, chunk, dtype, context, spill = arguments._child
+        print(json.dumps(measure(int(height), int(width), None if chunk == "default" else int(chunk), dtype, context,
+                                 None if spill == "none" else spill)))
         return
 
     sizes = [(side, side) for side in arguments.sides] + [tuple(map(int, s.split("x"))) for s in arguments.extra]
     rows = []
     print(f"{'image':>13} {'tokens':>8} {'grid MiB':>9} {'mode':>9} {'growth MiB':>11} {'× grid':>7} {'s':>7}")
+    modes = {"unchunked": (str(10**9), False), "chunked": ("default", False), "spilled": ("default", True)}
+    spill_folder = tempfile.TemporaryDirectory(dir=arguments.spill_dir)
     for height, width in sizes:
-        for mode, chunk in (("unchunked", str(10**9)), ("chunked", "default")):
+        for mode in arguments.modes.split(","):
+            chunk, spilled = modes[mode]
             result = subprocess.run(
                 [sys.executable, __file__, "--_child", str(height), str(width), chunk, arguments.dtype,
-                 arguments.context],
+                 arguments.context, spill_folder.name if spilled else "none"],
                 capture_output=True, text=True,
             )
             if result.returncode:

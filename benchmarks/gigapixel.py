@@ -1,11 +1,13 @@
 """Peak memory and time against image side: xT streaming versus the same backbone on the whole image.
 
     python benchmarks/gigapixel.py [--quick] [--sides 1024,2048,4096] [--baseline-sides ...] [--memory-cap-gb 20]
+                                   [--context hyper|mamba] [--spill]
 
 (a) xT streaming: Swin-v2-T region encoder (embed 96, depths 2-2-6-2, window 16, 256 px regions),
     attention context encoder (2 layers, width 768; HyperAttention above 4,096 tokens) or with
     `--context mamba` the released Mamba encoder (4 layers, width 768), regions read from a uint8 .npy
-    memmap on disk, `region_batch_size` 16.
+    memmap on disk, `region_batch_size` 16. With `--spill` (CPU) the context encoder's token buffers live
+    in files in the image's temporary directory (`spill_directory`), and the rows are labelled `xt_spilled`.
 (b) whole image: transformers `Swinv2Model` with the same shapes on the full image at once.
 Each measurement runs in a fresh process whose address space is capped (`--memory-cap-gb`), so a
 baseline that does not fit fails with "OOM" instead of taking the machine down. Peak memory is the
@@ -41,7 +43,7 @@ def write_image(path: Path, height: int, width: int) -> None:
     image.flush()
 
 
-def child(kind: str, path: str, device_name: str, dtype_name: str, context: str = "hyper") -> dict:
+def child(kind: str, path: str, device_name: str, dtype_name: str, context: str = "hyper", spill: bool = False) -> dict:
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
     image = np.load(path, mmap_mode="r")
     height, width = image.shape[:2]
@@ -56,7 +58,7 @@ def child(kind: str, path: str, device_name: str, dtype_name: str, context: str 
         config = XTConfig(region_size=256, backbone_config=SWIN_T, context_hidden_size=768, classifier="context",
                           num_labels=10, **layers)
         model = XTForImageClassification(config).to(device, dtype).eval()
-        predict_streaming(model, image, region_batch_size=16)
+        predict_streaming(model, image, region_batch_size=16, spill_directory=Path(path).parent if spill else None)
     else:
         from transformers import Swinv2Config, Swinv2Model
 
@@ -76,7 +78,7 @@ def child(kind: str, path: str, device_name: str, dtype_name: str, context: str 
 def measure(kind: str, path: Path, arguments) -> dict:
     cap = int(arguments.memory_cap_gb * 2**30)
     command = [sys.executable, __file__, "--child", kind, str(path), "--device", arguments.device,
-               "--dtype", arguments.dtype, "--context", arguments.context]
+               "--dtype", arguments.dtype, "--context", arguments.context] + (["--spill"] if arguments.spill else [])
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=arguments.timeout,
         preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap))) if arguments.device == "cpu" else None,
@@ -95,13 +97,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--context", default="hyper", choices=["hyper", "mamba"], help="xT's context encoder")
+    parser.add_argument("--spill", action="store_true", help="xT keeps its token buffers in files (CPU)")
     parser.add_argument("--memory-cap-gb", type=float, default=20.0)
     parser.add_argument("--timeout", type=int, default=3600)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "gigapixel.csv")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "IMAGE"), help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.child:
-        print(json.dumps(child(*arguments.child, arguments.device, arguments.dtype, arguments.context)))
+        print(json.dumps(child(*arguments.child, arguments.device, arguments.dtype, arguments.context, arguments.spill)))
         return
 
     sides = [512, 1024] if arguments.quick else [int(s) for s in arguments.sides.split(",") if s]
@@ -115,8 +118,9 @@ def main() -> None:
                 if side not in wanted:
                     continue
                 result = measure(kind, path, arguments)
-                rows.append({"model": kind, "side": side, **{k: result.get(k) for k in ("status", "seconds", "peak_gib")}})
-                print(f"{kind:12s} {side:6d}²  {result['status']:5s}  "
+                label = "xt_spilled" if kind == "xt" and arguments.spill else kind
+                rows.append({"model": label, "side": side, **{k: result.get(k) for k in ("status", "seconds", "peak_gib")}})
+                print(f"{label:12s} {side:6d}²  {result['status']:5s}  "
                       f"{result.get('seconds') or float('nan'):8.1f} s  {result.get('peak_gib') or float('nan'):6.2f} GiB",
                       flush=True)
                 if result["status"] != "ok" and kind == "whole_image":
@@ -137,8 +141,11 @@ def main() -> None:
         print("matplotlib is not installed: no plot")
         return
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, label in (("xt", "xT streaming (Swin-v2-T regions)"), ("whole_image", "Swin-v2-T, whole image")):
+    for kind, label in (("xt", "xT streaming (Swin-v2-T regions)"), ("xt_spilled", "xT streaming, tokens spilled to disk"),
+                        ("whole_image", "Swin-v2-T, whole image")):
         done = [r for r in rows if r["model"] == kind and r["status"] == "ok"]
+        if not done:
+            continue
         axes[0].plot([r["side"] for r in done], [r["peak_gib"] for r in done], "o-", label=label)
         axes[1].plot([r["side"] for r in done], [r["seconds"] for r in done], "o-", label=label)
     for axis, title in zip(axes, ("peak memory (GiB)", "time (s)")):

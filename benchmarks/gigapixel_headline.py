@@ -1,6 +1,7 @@
 """The headline run: a 29,000 × 25,000 px image through xT with a Swin-v2-T region encoder, on CPU.
 
     python benchmarks/gigapixel_headline.py full --workdir /tmp/headline      # image → logits, one process
+    python benchmarks/gigapixel_headline.py full --workdir /tmp/headline --spill-dir /tmp/headline  # tokens on disk
 
 `full` is what a user runs: `xt_hf.streaming.predict_streaming` on a random uint8 image stored as a `.npy`
 memmap (written first, in a separate process, band by band), `region_batch_size` regions at a time, then
@@ -59,14 +60,16 @@ def image(workdir: Path, height: int, width: int) -> Path:
     return path
 
 
-def full(workdir: Path, height: int, width: int, region_batch_size: int) -> dict:
+def full(workdir: Path, height: int, width: int, region_batch_size: int, spill_directory: Path | None) -> dict:
     from xt_hf.streaming import predict_streaming
 
     path = image(workdir, height, width)
     model = build_model()
     start = time.perf_counter()
-    logits = predict_streaming(model, path, region_batch_size=region_batch_size, progress=True)
-    return {"stage": "full", "height": height, "width": width, "seconds": time.perf_counter() - start,
+    logits = predict_streaming(model, path, region_batch_size=region_batch_size, progress=True,
+                               spill_directory=spill_directory)
+    return {"stage": "full", "height": height, "width": width, "spilled": spill_directory is not None,
+            "seconds": time.perf_counter() - start,
             "peak_rss_gib": peak_rss_gib(), "logits": [round(v, 5) for v in logits[0].tolist()]}
 
 
@@ -116,10 +119,12 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=29000)
     parser.add_argument("--width", type=int, default=25000)
     parser.add_argument("--region-batch-size", type=int, default=16)
+    parser.add_argument("--spill-dir", type=Path, help="`full`: keep the context encoder's token buffers in files here")
     arguments = parser.parse_args()
     arguments.workdir.mkdir(parents=True, exist_ok=True)
     if arguments.stage == "full":
-        result = full(arguments.workdir, arguments.height, arguments.width, arguments.region_batch_size)
+        result = full(arguments.workdir, arguments.height, arguments.width, arguments.region_batch_size,
+                      arguments.spill_dir)
     elif arguments.stage == "encode":
         result = encode(arguments.workdir, arguments.height, arguments.width, arguments.region_batch_size)
     else:

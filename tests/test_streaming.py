@@ -87,6 +87,24 @@ def test_streaming_embeds_regions_into_the_context_tokens_exactly(image):
                                    model.classifier(expected.pooler_output), rtol=1e-5, atol=1e-5)
 
 
+def test_streaming_with_spilled_tokens_gives_the_same_numbers(image, tmp_path):
+    """`spill_directory` keeps the token sequence in a file; the tokens and logits must not change."""
+    from xt_hf.spill import spill_directory
+
+    torch.manual_seed(0)
+    model = XTForImageClassification(tiny_config(
+        context_token_chunk_size=5, context_long_sequence_attention="hyper", hyper_min_seq_len=16,
+        hyper_block_size=8, hyper_sample_size=8)).eval()
+    expected, _ = encode_context_streaming(model, image, region_batch_size=5)
+    spilled, _ = encode_context_streaming(model, image, region_batch_size=5, spill_directory=tmp_path)
+    assert spill_directory(spilled.last_hidden_state) == tmp_path
+    torch.testing.assert_close(spilled.last_hidden_state, expected.last_hidden_state, rtol=0, atol=0)
+    with torch.inference_mode():
+        expected_logits = model.classifier(expected.pooler_output)
+    torch.testing.assert_close(predict_streaming(model, image, region_batch_size=5, spill_directory=tmp_path),
+                               expected_logits, rtol=0, atol=0)
+
+
 def test_prefetching_workers_give_the_same_features(image, model):
     plain = encode_regions_streaming(model, image, region_batch_size=4)
     prefetched = encode_regions_streaming(model, image, region_batch_size=4, num_workers=1)
@@ -139,7 +157,8 @@ def test_predict_command(image, model, tmp_path):
     np.save(tmp_path / "image.npy", image)
     command = [sys.executable, "-m", "xt_hf.cli", "predict", str(tmp_path / "image.npy"), "--model",
                str(tmp_path / "model"), "--top-k", "3", "--region-batch-size", "4"]
-    result = subprocess.run(command + ["--json"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command + ["--json", "--spill-dir", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     expected = in_memory_logits(model, image).softmax(-1)[0]
@@ -157,19 +176,23 @@ def test_predict_command(image, model, tmp_path):
         assert failed.returncode == 2 and message in failed.stderr
 
 
-@pytest.mark.parametrize("suffix", [".zarr", ".tif"])
-def test_whole_scene_segmentation_streams_to_disk_and_equals_in_memory(image, tmp_path, suffix):
+@pytest.mark.parametrize("suffix, spilled", [(".zarr", False), (".tif", False), (".tif", True)])
+def test_whole_scene_segmentation_streams_to_disk_and_equals_in_memory(image, tmp_path, suffix, spilled):
+    """Spilled: the context tokens live in a file and are updated in place chunk by chunk (chunks of 5)."""
     tifffile = pytest.importorskip("tifffile")
     from xt_hf import XTForSemanticSegmentation
     from xt_hf.streaming import segment_streaming
 
     torch.manual_seed(0)
-    model = XTForSemanticSegmentation(tiny_config(num_labels=3, classifier="pool", context_attention_causal=False)).eval()
+    chunking = {"context_token_chunk_size": 5} if spilled else {}
+    model = XTForSemanticSegmentation(tiny_config(num_labels=3, classifier="pool", context_attention_causal=False,
+                                                  **chunking)).eval()
     inputs = XTImageProcessor(region_size=REGION)(image, return_tensors="pt")
     with torch.no_grad():
         expected = model(**inputs).logits.argmax(dim=1)[0, :HEIGHT, :WIDTH].numpy()
     output = tmp_path / f"mask{suffix}"
-    assert segment_streaming(model, image, output, region_batch_size=5) == (HEIGHT, WIDTH)
+    spill = {"spill_directory": tmp_path} if spilled else {}
+    assert segment_streaming(model, image, output, region_batch_size=5, **spill) == (HEIGHT, WIDTH)
     if suffix == ".zarr":
         import zarr
 

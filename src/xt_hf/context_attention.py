@@ -10,6 +10,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_xt import XTConfig
 from .hyper_attention import causal_padded_length, hyper_attention
+from .spill import empty_beside, release_pages
 
 
 class XTRMSNorm(nn.Module):
@@ -155,6 +156,8 @@ class XTAttentionBlock(GradientCheckpointingLayer):
         buffer of the heads' outputs and one head's query, key and value. Each head projects its q/k/v
         from the normalised tokens a chunk at a time (the norm is recomputed per head rather than stored),
         so neither the normalised copy nor the fused 3-wide qkv projection ever exists for all tokens.
+        When the tokens are spilled to disk (`spill.spilled_empty`), so is the heads' buffer, and each chunk's
+        pages are released once done: memory then holds one head's q/k/v and output, and chunks.
         """
         attention = self.attn
         batch, length, hidden = hidden_states.shape
@@ -162,7 +165,9 @@ class XTAttentionBlock(GradientCheckpointingLayer):
         chunks = [slice(start, start + self.token_chunk_size) for start in range(0, length, self.token_chunk_size)]
         weight = attention.qkv.weight.view(3, heads, head_dim, hidden)
         bias = None if attention.qkv.bias is None else attention.qkv.bias.view(3, heads, head_dim)
-        merged = torch.empty_like(hidden_states)  # the heads' outputs side by side, as `proj` expects them
+        # The heads' outputs, head-major so that each head's output is one contiguous block (one range of a
+        # spill file); `proj` gathers a chunk of every head at a time.
+        merged = empty_beside(hidden_states, (heads, batch, length, head_dim))
         # Causal HyperAttention pads the sequence with zero rows: giving it them up front spares a copy of q/k/v.
         padded = length
         if attention.is_causal and attention.uses_hyper_attention(length):
@@ -175,14 +180,19 @@ class XTAttentionBlock(GradientCheckpointingLayer):
             for part in chunks:
                 projected = F.linear(self.input_layernorm(hidden_states[:, part]), head_weight, head_bias)
                 tokens_qkv[:, :, part] = projected.unflatten(-1, (3, head_dim)).permute(2, 0, 1, 3)
-            # The head's output goes straight into its columns of `merged` (its first `length` rows: the rest is
+                release_pages(hidden_states[:, part])
+            # The head's output goes straight into its block of `merged` (its first `length` rows: the rest is
             # padding); HyperAttention merges its pieces there without another output-sized buffer.
-            head_output = merged[..., head * head_dim : (head + 1) * head_dim].unsqueeze(1)
-            attention.attend(*qkv, first_head=head, out=head_output)
+            attention.attend(*qkv, first_head=head, out=merged[head].unsqueeze(1))
+            release_pages(merged[head])
             del qkv
         for part in chunks:
-            hidden_states[:, part] += attention.proj(merged[:, part])
+            hidden_states[:, part] += attention.proj(merged[:, :, part].permute(1, 2, 0, 3).flatten(2))
+            for head_output in merged[:, :, part]:
+                release_pages(head_output)
+            release_pages(hidden_states[:, part])
         del merged
         for part in chunks:
             hidden_states[:, part] += self.mlp(self.post_attention_layernorm(hidden_states[:, part]))
+            release_pages(hidden_states[:, part])
         return hidden_states

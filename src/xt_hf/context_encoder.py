@@ -11,6 +11,7 @@ from .configuration_xt import XTConfig
 from .context_attention import XTAttentionBlock
 from .context_mamba import XTMambaBlock
 from .position_embedding import sincos_2d_position_embedding_at
+from .spill import release_pages, spilled_empty
 
 
 @dataclass
@@ -44,21 +45,28 @@ class XTContextEncoder(nn.Module):
         *,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        spill_directory=None,
     ) -> ContextEncoding:
-        """`grid` `(batch, C, h, w)` → tokens `(batch, h·w, hidden)` (CLS excluded) and the CLS state."""
+        """`grid` `(batch, C, h, w)` → tokens `(batch, h·w, hidden)` (CLS excluded) and the CLS state.
+
+        `spill_directory`: without autograd only, keep the token sequence in a file there (`new_token_buffer`).
+        """
         batch, _, height, width = grid.shape
         features = grid.flatten(2).transpose(1, 2)
         row = torch.arange(height, device=grid.device).repeat_interleave(width)
         col = torch.arange(width, device=grid.device).repeat(height)
         if torch.is_grad_enabled():
+            if spill_directory is not None:
+                raise ValueError("Spilling tokens to disk is for inference: run under torch.inference_mode().")
             tokens = self._add_cls(self.embed_tokens(features, row, col))
         else:
             # A chunk of tokens at a time into one buffer: no full-size temporaries besides the tokens.
-            tokens = self.new_token_buffer(batch, height * width, device=grid.device)
+            tokens = self.new_token_buffer(batch, height * width, device=grid.device, spill_directory=spill_directory)
             grid_tokens = self.grid_part(tokens)
             for start in range(0, height * width, self.config.context_token_chunk_size):
                 part = slice(start, start + self.config.context_token_chunk_size)
                 grid_tokens[:, part] = self.embed_tokens(features[:, part], row[part], col[part])
+                release_pages(grid_tokens[:, part])
         return self.encode(tokens, output_hidden_states=output_hidden_states, output_attentions=output_attentions)
 
     def embed_tokens(self, features: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
@@ -69,11 +77,23 @@ class XTContextEncoder(nn.Module):
             tokens = tokens + sincos_2d_position_embedding_at(row, col, tokens.shape[-1]).to(tokens.dtype)
         return tokens
 
-    def new_token_buffer(self, batch: int, num_grid_tokens: int, *, device: torch.device) -> torch.Tensor:
+    def new_token_buffer(
+        self, batch: int, num_grid_tokens: int, *, device: torch.device, spill_directory=None
+    ) -> torch.Tensor:
         """An uninitialised `(batch, num_grid_tokens [+ 1 CLS], hidden)` sequence, CLS already in place, for
-        `embed_tokens` to fill (its grid tokens are `grid_part(buffer)`, row-major)."""
+        `embed_tokens` to fill (its grid tokens are `grid_part(buffer)`, row-major).
+
+        With `spill_directory` (CPU only) the sequence lives in a file there (`spill.spilled_empty`), and the
+        in-place blocks keep only the chunks they work on in memory.
+        """
         weight = self.input_proj.weight
-        tokens = weight.new_empty(batch, num_grid_tokens + (self.cls_token is not None), weight.shape[0], device=device)
+        shape = (batch, num_grid_tokens + (self.cls_token is not None), weight.shape[0])
+        if spill_directory is None:
+            tokens = weight.new_empty(shape, device=device)
+        elif torch.device(device).type != "cpu":
+            raise ValueError(f"Spilling tokens to disk is for CPU inference; the model runs on {device}.")
+        else:
+            tokens = spilled_empty(shape, dtype=weight.dtype, directory=spill_directory)
         if self.cls_token is not None:
             tokens[:, -1 if self.config.cls_token_position == "last" else 0] = self.cls_token[0, 0].to(tokens.dtype)
         return tokens

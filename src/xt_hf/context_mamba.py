@@ -16,6 +16,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_xt import XTConfig
+from .spill import release_pages
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -243,4 +244,5 @@ class XTMambaBlock(GradientCheckpointingLayer):
             normed = self.norm(piece)
             updated = (normed if self.residual_from_normed else piece) + self.mixer(normed, carry)
             part.copy_(updated.flip(1) if self.reverse else updated)
+            release_pages(part)
         return hidden_states

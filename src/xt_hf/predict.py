@@ -19,6 +19,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="background processes reading regions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--spill-dir", help="CPU: keep the context encoder's token buffers in files in this directory "
+                        "(memory then holds chunks; the disk needs about twice the token grid)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.set_defaults(run=run)
@@ -44,7 +46,8 @@ def run(arguments: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     logits = predict_streaming(model, source, processor=processor, region_batch_size=arguments.region_batch_size,
-                               num_workers=arguments.num_workers, progress=not arguments.json)
+                               num_workers=arguments.num_workers, progress=not arguments.json,
+                               spill_directory=arguments.spill_dir)
     seconds = time.perf_counter() - start
     probabilities = logits.float().softmax(-1)[0]
     top = probabilities.topk(min(arguments.top_k, probabilities.numel()))

@@ -19,6 +19,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="background processes reading regions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--spill-dir", help="CPU: keep the context encoder's token buffers in files in this directory "
+                        "(memory then holds chunks; the disk needs about twice the token grid)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.set_defaults(run=run)
 
@@ -36,7 +38,7 @@ def run(arguments: argparse.Namespace) -> None:
         height, width = segment_streaming(
             model, arguments.image, arguments.output, processor=processor,
             region_batch_size=arguments.region_batch_size, num_workers=arguments.num_workers, progress=True,
-            overwrite=arguments.overwrite,
+            overwrite=arguments.overwrite, spill_directory=arguments.spill_dir,
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -7,6 +7,7 @@ import torch
 
 from .nested_tokenization import as_region_grid
 from .region_sources import RegionReader, RegionSource, open_region_source
+from .spill import release_pages
 
 
 def load_for_inference(auto_class, model_id: str, device: str, dtype: torch.dtype):
@@ -102,13 +103,16 @@ def encode_context_streaming(
     region_batch_size: int | None = None,
     num_workers: int = 0,
     progress: bool = False,
+    spill_directory=None,
 ):
     """`XTModel.encode_context` of one large image read region by region: `(XTModelOutput, (H_S, W_S))`, the
     latter the deepest stage's stitched grid size.
 
     With a context encoder, each chunk of regions is embedded into the context encoder's token sequence as it
     arrives, so the stitched region features never exist: memory holds the model, one chunk of regions and
-    the tokens, which the context encoder then updates in place.
+    the tokens, which the context encoder then updates in place. With `spill_directory` (CPU), the tokens and
+    the attention blocks' buffer of heads' outputs live in files there instead, and memory holds chunks
+    (`spill.py`); `last_hidden_state` is then a view of that file, deleted when no tensor uses it any more.
     """
     xt = model.base_model
     if xt.context_encoder is None:
@@ -122,13 +126,16 @@ def encode_context_streaming(
         count, channels, height, width = features.shape
         if tokens is None:
             grid_shape = (reader.rows * height, reader.cols * width)
-            tokens = encoder.new_token_buffer(1, grid_shape[0] * grid_shape[1], device=features.device)
+            tokens = encoder.new_token_buffer(1, grid_shape[0] * grid_shape[1], device=features.device,
+                                              spill_directory=spill_directory)
         # Grid cells of every token of the chunk, in the (region, i, j) order of `features`.
         row = (rows.to(features.device).view(-1, 1, 1) * height + torch.arange(height, device=features.device).view(1, -1, 1))
         col = (cols.to(features.device).view(-1, 1, 1) * width + torch.arange(width, device=features.device).view(1, 1, -1))
         row, col = row.expand(count, height, width).reshape(-1), col.expand(count, height, width).reshape(-1)
         embedded = encoder.embed_tokens(features.permute(0, 2, 3, 1).reshape(1, -1, channels), row, col)
-        encoder.grid_part(tokens)[:, row * grid_shape[1] + col] = embedded
+        index = row * grid_shape[1] + col
+        encoder.grid_part(tokens)[:, index] = embedded
+        release_pages(encoder.grid_part(tokens)[:, index.min() : index.max() + 1])
     del features, embedded, regions
     _return_freed_memory()
     return xt.encode_embedded_context(tokens), grid_shape
@@ -169,6 +176,7 @@ def segment_streaming(
     num_workers: int = 0,
     progress: bool = False,
     overwrite: bool = False,
+    spill_directory=None,
 ) -> tuple[int, int]:
     """Whole-scene segmentation of a large image into a class map on disk, never holding full-resolution
     features of all regions: returns the map's `(height, width)`.
@@ -177,7 +185,8 @@ def segment_streaming(
     Pass two re-encodes the regions chunk by chunk, decodes each with its slice of the context tokens
     (`XTForSemanticSegmentation.decode_regions`) and writes the argmax straight into `output`: a `.zarr`
     directory or a tiled `.tif`, uint8 (uint16 beyond 256 classes), at `1 / decoder_output_stride` of the
-    input resolution. Existing outputs are refused unless `overwrite`.
+    input resolution. Existing outputs are refused unless `overwrite`. `spill_directory` keeps the context
+    tokens in a file there (`encode_context_streaming`); pass two then maps in one region row's tokens at a time.
     """
     from pathlib import Path
 
@@ -190,10 +199,12 @@ def segment_streaming(
     xt = model.base_model
     encoded, grid_shape = encode_context_streaming(model, reader.source, processor=processor,
                                                    region_batch_size=region_batch_size, num_workers=num_workers,
-                                                   progress=progress)
-    context = model.context_grid(encoded.last_hidden_state, grid_shape)
-    context_view = None if context is None else as_region_grid(context, context.shape[2] // reader.rows,
-                                                                context.shape[3] // reader.cols)
+                                                   progress=progress, spill_directory=spill_directory)
+    tokens = encoded.last_hidden_state if xt.context_encoder is not None else None
+    # (1, rows, h, cols, w, D): each region's context tokens, viewed in place rather than copied into a grid.
+    token_rows = grid_shape[0] // reader.rows
+    region_tokens = None if tokens is None else tokens.view(
+        1, reader.rows, token_rows, reader.cols, grid_shape[1] // reader.cols, tokens.shape[-1])
     stride = model.config.decoder_output_stride
     side = model.config.region_size // stride
     height, width = -(-reader.source.height // stride), -(-reader.source.width // stride)
@@ -203,7 +214,11 @@ def segment_streaming(
         """`(row, col, class map (side, side))` in row-major region order."""
         for regions, rows, cols in _region_batches(model, reader, region_batch_size, num_workers, progress, "decoded"):
             features = xt.region_encoder._feature_maps(regions)
-            region_context = None if context_view is None else context_view[torch.zeros_like(rows), rows, cols]
+            region_context = None
+            if region_tokens is not None:
+                region_context = region_tokens[0][rows, :, cols].permute(0, 3, 1, 2).contiguous()
+                release_pages(tokens[:, int(rows.min()) * token_rows * grid_shape[1] :
+                                     (int(rows.max()) + 1) * token_rows * grid_shape[1]])
             masks = model.decode_regions(list(features), region_context).argmax(dim=1).cpu().numpy().astype(dtype)
             yield from zip(rows.tolist(), cols.tolist(), masks)
 

@@ -1,0 +1,97 @@
+"""Token buffers spilled to disk keep their values, leave no file behind and stay out of the process's memory."""
+
+from __future__ import annotations
+
+import os
+import sys
+import weakref
+from collections import namedtuple
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from xt_hf import spill
+from xt_hf.context_encoder import XTContextEncoder
+from xt_hf.spill import empty_beside, release_pages, spill_directory, spilled_empty
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+
+
+def resident_file_mib() -> float:
+    """Pages of file mappings resident in this process (the spill files' share of its memory)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("RssFile:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_released_pages_leave_memory_and_keep_their_values(tmp_path):
+    buffer = spilled_empty((4096, 1024), dtype=torch.float32, directory=tmp_path)  # 16 MiB
+    before = resident_file_mib()
+    buffer.copy_(torch.arange(buffer.numel(), dtype=torch.float32).view_as(buffer))
+    filled = resident_file_mib()
+    assert filled - before > 15
+    for rows in buffer.split(1000):  # pieces that do not end on page boundaries
+        release_pages(rows)
+    assert filled - resident_file_mib() > 15.9
+    torch.testing.assert_close(buffer, torch.arange(buffer.numel(), dtype=torch.float32).view_as(buffer), rtol=0, atol=0)
+
+
+def test_releasing_a_tensor_in_memory_changes_nothing():
+    values = torch.randn(2048, 512)
+    expected = values.clone()
+    release_pages(values)
+    release_pages(values[100:1000])
+    assert torch.equal(values, expected)
+    assert spill_directory(values) is None
+
+
+def test_the_spill_file_has_no_name_and_goes_with_its_last_tensor(tmp_path):
+    buffer = spilled_empty((64, 64), dtype=torch.float32, directory=tmp_path)
+    view = buffer[10:20]
+    assert os.listdir(tmp_path) == []  # nothing for a crash to leave behind
+    assert spill_directory(view) == tmp_path
+    beside = empty_beside(view, (3, 5))
+    assert spill_directory(beside) == tmp_path and beside.dtype == torch.float32
+    mappings = [spill._mapping_of(tensor)[2] for tensor in (buffer, beside)]
+    references = [weakref.ref(mapping) for mapping in mappings]
+    del buffer, view, beside, mappings
+    assert [reference() for reference in references] == [None, None]
+
+
+def test_spilling_fails_clearly_without_a_directory_or_disk_space(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="does not exist"):
+        spilled_empty((4, 4), dtype=torch.float32, directory=tmp_path / "missing")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(spill.shutil, "disk_usage", lambda _: usage(2**30, 2**30 - 1024, 1024))
+    with pytest.raises(ValueError, match="GiB free"):
+        spilled_empty((1024, 1024), dtype=torch.float32, directory=tmp_path)
+
+
+@pytest.mark.parametrize("context", ["attention", "mamba"])
+def test_a_spilled_context_encoder_gives_the_same_tokens_and_keeps_few_pages(context, tmp_path):
+    """Long sequences are updated in place either way; spilled, the tokens and the heads' outputs live in the
+    file and only chunks are resident after the pass (here 32,768 tokens: 16 MiB of tokens, 16 of heads)."""
+    config = tiny_config(context_encoder=context, context_hidden_size=128, context_num_heads=2,
+                         context_token_chunk_size=1024, context_long_sequence_attention="hyper",
+                         hyper_min_seq_len=4096, hyper_block_size=64, hyper_sample_size=64)
+    torch.manual_seed(0)
+    encoder = XTContextEncoder(config, in_channels=8).eval()
+    grid = torch.randn(1, 8, 128, 256)
+    with torch.inference_mode():
+        expected = encoder(grid)
+        before = resident_file_mib()
+        spilled = encoder(grid, spill_directory=tmp_path)
+        resident = resident_file_mib() - before
+    assert spill_directory(spilled.tokens) == tmp_path
+    torch.testing.assert_close(spilled.tokens, expected.tokens, rtol=0, atol=0)
+    torch.testing.assert_close(spilled.cls_state, expected.cls_state, rtol=0, atol=0)
+    assert resident < 4, f"{resident:.1f} MiB of the spill files stayed resident"
+
+
+def test_spilling_is_refused_where_it_cannot_help(tmp_path):
+    encoder = XTContextEncoder(tiny_config(), in_channels=8)
+    with pytest.raises(ValueError, match="inference"):
+        encoder(torch.randn(1, 8, 4, 4), spill_directory=tmp_path)
+    with pytest.raises(ValueError, match="CPU"):
+        encoder.new_token_buffer(1, 16, device=torch.device("meta"), spill_directory=tmp_path)
