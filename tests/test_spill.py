@@ -89,6 +89,13 @@ def test_a_spilled_context_encoder_gives_the_same_tokens_and_keeps_few_pages(con
     assert resident < 4, f"{resident:.1f} MiB of the spill files stayed resident"
 
 
+def test_spilling_into_memory_backed_storage_is_flagged(tmp_path, monkeypatch):
+    monkeypatch.setattr(spill, "filesystem_type", lambda _: "tmpfs")
+    with pytest.warns(UserWarning, match="saves no memory"):
+        spilled_empty((4, 4), dtype=torch.float32, directory=tmp_path)
+    assert spill.filesystem_type(tmp_path.parent.parent) is not None
+
+
 def test_spilling_is_refused_where_it_cannot_help(tmp_path):
     encoder = XTContextEncoder(tiny_config(), in_channels=8)
     with pytest.raises(ValueError, match="inference"):

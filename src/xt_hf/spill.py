@@ -16,6 +16,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
 from pathlib import Path
 
@@ -36,6 +37,11 @@ def spilled_empty(shape: tuple[int, ...], *, dtype: torch.dtype, directory: str 
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"The spill directory {str(directory)!r} does not exist or is not a directory.")
+    if filesystem_type(directory) in _MEMORY_FILESYSTEMS:
+        warnings.warn(
+            f"The spill directory {str(directory)!r} is on a {filesystem_type(directory)} file system, which keeps "
+            f"its files in memory: spilling there saves no memory. Choose a directory on a disk.", stacklevel=2,
+        )
     size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if size == 0:
         return torch.empty(shape, dtype=dtype)
@@ -57,6 +63,22 @@ def spilled_empty(shape: tuple[int, ...], *, dtype: torch.dtype, directory: str 
     _MAPPINGS[:] = [entry for entry in _MAPPINGS if entry[2]() is not None]
     _MAPPINGS.append((tensor.data_ptr(), size, weakref.ref(mapping), directory))
     return tensor
+
+
+_MEMORY_FILESYSTEMS = {"tmpfs", "ramfs", "devtmpfs"}
+
+
+def filesystem_type(directory: Path) -> str | None:
+    """The type of the file system `directory` is on (`/proc/mounts`, Linux), or None where unknown."""
+    try:
+        with open("/proc/mounts") as mounts:
+            entries = [line.split()[1:3] for line in mounts]
+    except OSError:
+        return None
+    path = str(directory.resolve())
+    mounted = [(point, kind) for point, kind in entries
+               if path == point or path.startswith(point.rstrip("/") + "/")]
+    return max(mounted, key=lambda entry: len(entry[0]))[1] if mounted else None
 
 
 def _mapping_of(tensor: torch.Tensor) -> tuple[int, int, mmap.mmap, Path] | None:
