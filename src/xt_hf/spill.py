@@ -34,6 +34,8 @@ def spilled_empty(shape: tuple[int, ...], *, dtype: torch.dtype, directory: str 
     process ends; its disk space is reserved up front, so a full disk fails here with a clear error
     rather than later inside a forward pass.
     """
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        raise ValueError("Spilling tokens to disk needs a Linux or other POSIX system with madvise.")
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"The spill directory {str(directory)!r} does not exist or is not a directory.")
@@ -53,7 +55,10 @@ def spilled_empty(shape: tuple[int, ...], *, dtype: torch.dtype, directory: str 
         )
     with tempfile.TemporaryFile(dir=directory) as handle:
         try:
-            os.posix_fallocate(handle.fileno(), 0, size)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(handle.fileno(), 0, size)
+            else:  # macOS: a sparse file of the right size (the free-space check above still applies)
+                os.ftruncate(handle.fileno(), size)
         except OSError as error:
             raise ValueError(
                 f"Could not reserve {size / 2**30:.2f} GiB in the spill directory {str(directory)!r}: {error}."
