@@ -89,6 +89,21 @@ def test_a_spilled_context_encoder_gives_the_same_tokens_and_keeps_few_pages(con
     assert resident < 4, f"{resident:.1f} MiB of the spill files stayed resident"
 
 
+@pytest.mark.parametrize("context, fits", [("attention", False), ("mamba", True)])
+def test_the_disk_is_checked_for_every_buffer_before_the_long_work_starts(context, fits, tmp_path, monkeypatch):
+    """An attention encoder spills the heads' outputs too, after the region encoder has run (an hour for a
+    29,000 × 25,000 scene): room for that second buffer is checked when the tokens are allocated."""
+    encoder = XTContextEncoder(tiny_config(context_encoder=context), in_channels=8)
+    tokens_size = (1000 + 1) * 32 * 4
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(spill.shutil, "disk_usage", lambda _: usage(2**30, 0, int(1.5 * tokens_size)))
+    if fits:
+        encoder.new_token_buffer(1, 1000, device=torch.device("cpu"), spill_directory=tmp_path)
+        return
+    with pytest.raises(ValueError, match="GiB free"):
+        encoder.new_token_buffer(1, 1000, device=torch.device("cpu"), spill_directory=tmp_path)
+
+
 def test_spilling_into_memory_backed_storage_is_flagged(tmp_path, monkeypatch):
     monkeypatch.setattr(spill, "filesystem_type", lambda _: "tmpfs")
     with pytest.warns(UserWarning, match="saves no memory"):

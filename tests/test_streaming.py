@@ -169,6 +169,9 @@ def test_predict_command(image, model, tmp_path):
     text = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert text.returncode == 0 and "regions/s" in text.stdout and "peak memory" in text.stdout
 
+    no_disk = subprocess.run(command + ["--spill-dir", str(tmp_path / "missing")], capture_output=True, text=True,
+                             timeout=300)
+    assert no_disk.returncode == 2 and "spill directory" in no_disk.stderr
     tiny = tmp_path / "tiny.npy"
     np.save(tiny, image[:10])
     for path, message in ((tmp_path / "nope.tif", "does not exist"), (tiny, "smaller than one region")):
@@ -214,8 +217,11 @@ def test_segment_command(image, tmp_path):
     np.save(tmp_path / "scene.npy", image)
     command = [sys.executable, "-m", "xt_hf.cli", "segment", str(tmp_path / "scene.npy"), "--model",
                str(tmp_path / "model"), "--output", str(tmp_path / "mask.zarr")]
-    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    first = subprocess.run(command + ["--spill-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     assert f"{WIDTH}×{HEIGHT} class map" in first.stdout
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "exists" in again.stderr
+    no_disk = subprocess.run(command + ["--overwrite", "--spill-dir", str(tmp_path / "missing")], capture_output=True,
+                             text=True, timeout=300)
+    assert no_disk.returncode == 2 and "spill directory" in no_disk.stderr

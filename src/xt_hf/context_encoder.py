@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,7 @@ from .configuration_xt import XTConfig
 from .context_attention import XTAttentionBlock
 from .context_mamba import XTMambaBlock
 from .position_embedding import sincos_2d_position_embedding_at
-from .spill import release_pages, spilled_empty
+from .spill import ensure_free_space, release_pages, spilled_empty
 
 
 @dataclass
@@ -93,6 +94,10 @@ class XTContextEncoder(nn.Module):
         elif torch.device(device).type != "cpu":
             raise ValueError(f"Spilling tokens to disk is for CPU inference; the model runs on {device}.")
         else:
+            # Attention blocks spill a second buffer of the same size (the heads' outputs), maybe an hour of
+            # region encoding later: make sure now that the disk has room for both.
+            buffers = 2 if any(isinstance(layer, XTAttentionBlock) for layer in self.layers) else 1
+            ensure_free_space(spill_directory, buffers * math.prod(shape) * weight.element_size())
             tokens = spilled_empty(shape, dtype=weight.dtype, directory=spill_directory)
         if self.cls_token is not None:
             tokens[:, -1 if self.config.cls_token_position == "last" else 0] = self.cls_token[0, 0].to(tokens.dtype)

@@ -45,9 +45,13 @@ def run(arguments: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    logits = predict_streaming(model, source, processor=processor, region_batch_size=arguments.region_batch_size,
-                               num_workers=arguments.num_workers, progress=not arguments.json,
-                               spill_directory=arguments.spill_dir)
+    try:
+        logits = predict_streaming(model, source, processor=processor, region_batch_size=arguments.region_batch_size,
+                                   num_workers=arguments.num_workers, progress=not arguments.json,
+                                   spill_directory=arguments.spill_dir)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     seconds = time.perf_counter() - start
     probabilities = logits.float().softmax(-1)[0]
     top = probabilities.topk(min(arguments.top_k, probabilities.numel()))

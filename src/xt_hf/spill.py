@@ -37,21 +37,14 @@ def spilled_empty(shape: tuple[int, ...], *, dtype: torch.dtype, directory: str 
     if not hasattr(mmap, "MADV_DONTNEED"):
         raise ValueError("Spilling tokens to disk needs a Linux or other POSIX system with madvise.")
     directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"The spill directory {str(directory)!r} does not exist or is not a directory.")
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    ensure_free_space(directory, size)
+    if size == 0:
+        return torch.empty(shape, dtype=dtype)
     if filesystem_type(directory) in _MEMORY_FILESYSTEMS:
         warnings.warn(
             f"The spill directory {str(directory)!r} is on a {filesystem_type(directory)} file system, which keeps "
             f"its files in memory: spilling there saves no memory. Choose a directory on a disk.", stacklevel=2,
-        )
-    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if size == 0:
-        return torch.empty(shape, dtype=dtype)
-    free = shutil.disk_usage(directory).free
-    if free < size:
-        raise ValueError(
-            f"The spill directory {str(directory)!r} has {free / 2**30:.2f} GiB free, but the token buffer needs "
-            f"{size / 2**30:.2f} GiB: choose a directory on a larger disk."
         )
     with tempfile.TemporaryFile(dir=directory) as handle:
         try:
@@ -68,6 +61,19 @@ def spilled_empty(shape: tuple[int, ...], *, dtype: torch.dtype, directory: str 
     _MAPPINGS[:] = [entry for entry in _MAPPINGS if entry[2]() is not None]
     _MAPPINGS.append((tensor.data_ptr(), size, weakref.ref(mapping), directory))
     return tensor
+
+
+def ensure_free_space(directory: str | os.PathLike, size: int) -> None:
+    """Fail, naming the problem, unless `directory` is a directory with `size` bytes free (checked before long
+    work starts)."""
+    if not Path(directory).is_dir():
+        raise ValueError(f"The spill directory {str(directory)!r} does not exist or is not a directory.")
+    free = shutil.disk_usage(directory).free
+    if free < size:
+        raise ValueError(
+            f"The spill directory {str(directory)!r} has {free / 2**30:.2f} GiB free, but the token buffers need "
+            f"{size / 2**30:.2f} GiB: choose a directory on a larger disk."
+        )
 
 
 _MEMORY_FILESYSTEMS = {"tmpfs", "ramfs", "devtmpfs"}
