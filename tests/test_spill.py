@@ -68,13 +68,15 @@ def test_spilling_fails_clearly_without_a_directory_or_disk_space(tmp_path, monk
         spilled_empty((1024, 1024), dtype=torch.float32, directory=tmp_path)
 
 
-@pytest.mark.parametrize("context", ["attention", "mamba"])
-def test_a_spilled_context_encoder_gives_the_same_tokens_and_keeps_few_pages(context, tmp_path):
-    """Long sequences are updated in place either way; spilled, the tokens and the heads' outputs live in the
-    file and only chunks are resident after the pass (here 32,768 tokens: 16 MiB of tokens, 16 of heads)."""
+@pytest.mark.parametrize("context, windows", [("attention", -1), ("mamba", -1), ("attention", 2048)])
+def test_a_spilled_context_encoder_gives_the_same_tokens_and_keeps_few_pages(context, windows, tmp_path):
+    """Long sequences are updated in place either way (or run window by window, Transformer-XL style);
+    spilled, the tokens and the heads' outputs (or the windows' outputs) live in the file and only chunks are
+    resident after the pass (here 32,768 tokens: 16 MiB of tokens, 16 of heads)."""
     config = tiny_config(context_encoder=context, context_hidden_size=128, context_num_heads=2,
                          context_token_chunk_size=1024, context_long_sequence_attention="hyper",
-                         hyper_min_seq_len=4096, hyper_block_size=64, hyper_sample_size=64)
+                         hyper_min_seq_len=4096, hyper_block_size=64, hyper_sample_size=64,
+                         in_context_patches=windows)
     torch.manual_seed(0)
     encoder = XTContextEncoder(config, in_channels=8).eval()
     grid = torch.randn(1, 8, 128, 256)

@@ -164,6 +164,7 @@ def test_predict_command(image, model, tmp_path):
     expected = in_memory_logits(model, image).softmax(-1)[0]
     assert report["predictions"][0]["label"] == f"class {int(expected.argmax())}"
     assert abs(report["predictions"][0]["score"] - float(expected.max())) < 1e-5
+    assert report["spill_directory"] == str(tmp_path)
     assert report["regions"] == 12 and report["regions_per_second"] > 0 and report["peak_memory_mb"] > 0
 
     text = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -12,7 +12,7 @@ from .configuration_xt import XTConfig
 from .context_attention import XTAttentionBlock
 from .context_mamba import XTMambaBlock
 from .position_embedding import sincos_2d_position_embedding_at
-from .spill import ensure_free_space, release_pages, spilled_empty
+from .spill import empty_beside, ensure_free_space, release_pages, spilled_empty
 
 
 @dataclass
@@ -173,7 +173,7 @@ class XTContextEncoder(nn.Module):
         """
         stride = window // 2
         length = tokens.shape[1]
-        outputs = torch.empty_like(tokens)
+        outputs = empty_beside(tokens, tuple(tokens.shape))
         window_cls = []
         for start in range(0, length - 1 if self.cls_token is not None else length, stride):
             piece = self._add_cls(tokens[:, start : start + window])
@@ -182,6 +182,8 @@ class XTContextEncoder(nn.Module):
                 window_cls.append(cls_state)
             keep_from = 0 if start == 0 else stride
             outputs[:, start + keep_from : start + piece.shape[1]] = piece[:, keep_from:]
+            release_pages(outputs[:, start + keep_from : start + piece.shape[1]])
+            release_pages(tokens[:, start : start + stride])
         outputs, _ = self._split_cls(outputs)
         cls_state = torch.stack(window_cls, dim=1).mean(dim=1) if window_cls else None
         return ContextEncoding(tokens=outputs, cls_state=cls_state)

@@ -69,6 +69,7 @@ def run(arguments: argparse.Namespace) -> None:
         "regions_per_second": regions / seconds,
         "peak_memory_mb": peak_mb,
         "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
+        "spill_directory": arguments.spill_dir,
     }
     if arguments.json:
         print(json.dumps(result))
