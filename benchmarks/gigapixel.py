@@ -102,7 +102,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=3600)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "gigapixel.csv")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "IMAGE"), help=argparse.SUPPRESS)
+    parser.add_argument("--plot", nargs="+", type=Path, metavar="CSV",
+                        help="only plot these earlier runs' CSVs together, into --output's .png")
     arguments = parser.parse_args()
+    if arguments.plot:
+        rows = [row for path in arguments.plot for row in csv.DictReader(path.open())]
+        plot(rows, arguments.output.with_suffix(".png"))
+        return
     if arguments.child:
         print(json.dumps(child(*arguments.child, arguments.device, arguments.dtype, arguments.context, arguments.spill)))
         return
@@ -132,6 +138,11 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {arguments.output}")
+    plot(rows, arguments.output.with_suffix(".png"))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Peak memory and time against image side, one line per model (ok rows only)."""
     try:
         import matplotlib
 
@@ -143,11 +154,11 @@ def main() -> None:
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for kind, label in (("xt", "xT streaming (Swin-v2-T regions)"), ("xt_spilled", "xT streaming, tokens spilled to disk"),
                         ("whole_image", "Swin-v2-T, whole image")):
-        done = [r for r in rows if r["model"] == kind and r["status"] == "ok"]
+        done = sorted((r for r in rows if r["model"] == kind and r["status"] == "ok"), key=lambda r: int(r["side"]))
         if not done:
             continue
-        axes[0].plot([r["side"] for r in done], [r["peak_gib"] for r in done], "o-", label=label)
-        axes[1].plot([r["side"] for r in done], [r["seconds"] for r in done], "o-", label=label)
+        axes[0].plot([int(r["side"]) for r in done], [float(r["peak_gib"]) for r in done], "o-", label=label)
+        axes[1].plot([int(r["side"]) for r in done], [float(r["seconds"]) for r in done], "o-", label=label)
     for axis, title in zip(axes, ("peak memory (GiB)", "time (s)")):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
@@ -155,8 +166,8 @@ def main() -> None:
         axis.set_title(title)
         axis.legend()
     figure.tight_layout()
-    figure.savefig(arguments.output.with_suffix(".png"), dpi=100)
-    print(f"wrote {arguments.output.with_suffix('.png')}")
+    figure.savefig(path, dpi=100)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
