@@ -110,7 +110,8 @@ def main() -> None:
         plot(rows, arguments.output.with_suffix(".png"))
         return
     if arguments.child:
-        print(json.dumps(child(*arguments.child, arguments.device, arguments.dtype, arguments.context, arguments.spill)))
+        result = child(*arguments.child, arguments.device, arguments.dtype, arguments.context, arguments.spill)
+        print(json.dumps(result))
         return
 
     sides = [512, 1024] if arguments.quick else [int(s) for s in arguments.sides.split(",") if s]
@@ -125,7 +126,8 @@ def main() -> None:
                     continue
                 result = measure(kind, path, arguments)
                 label = "xt_spilled" if kind == "xt" and arguments.spill else kind
-                rows.append({"model": label, "side": side, **{k: result.get(k) for k in ("status", "seconds", "peak_gib")}})
+                figures = {k: result.get(k) for k in ("status", "seconds", "peak_gib")}
+                rows.append({"model": label, "side": side, **figures})
                 print(f"{label:12s} {side:6d}²  {result['status']:5s}  "
                       f"{result.get('seconds') or float('nan'):8.1f} s  {result.get('peak_gib') or float('nan'):6.2f} GiB",
                       flush=True)
@@ -152,8 +154,9 @@ def plot(rows: list[dict], path: Path) -> None:
         print("matplotlib is not installed: no plot")
         return
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, label in (("xt", "xT streaming (Swin-v2-T regions)"), ("xt_spilled", "xT streaming, tokens spilled to disk"),
-                        ("whole_image", "Swin-v2-T, whole image")):
+    labels = {"xt": "xT streaming (Swin-v2-T regions)", "xt_spilled": "xT streaming, tokens spilled to disk",
+              "whole_image": "Swin-v2-T, whole image"}
+    for kind, label in labels.items():
         done = sorted((r for r in rows if r["model"] == kind and r["status"] == "ok"), key=lambda r: int(r["side"]))
         if not done:
             continue

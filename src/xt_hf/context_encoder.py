@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,7 @@ class XTContextEncoder(nn.Module):
         *,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
-        spill_directory=None,
+        spill_directory: str | os.PathLike | None = None,
     ) -> ContextEncoding:
         """`grid` `(batch, C, h, w)` → tokens `(batch, h·w, hidden)` (CLS excluded) and the CLS state.
 
@@ -79,7 +80,12 @@ class XTContextEncoder(nn.Module):
         return tokens
 
     def new_token_buffer(
-        self, batch: int, num_grid_tokens: int, *, device: torch.device, spill_directory=None
+        self,
+        batch: int,
+        num_grid_tokens: int,
+        *,
+        device: torch.device,
+        spill_directory: str | os.PathLike | None = None,
     ) -> torch.Tensor:
         """An uninitialised `(batch, num_grid_tokens [+ 1 CLS], hidden)` sequence, CLS already in place, for
         `embed_tokens` to fill (its grid tokens are `grid_part(buffer)`, row-major).

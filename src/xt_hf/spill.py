@@ -125,7 +125,8 @@ def release_pages(tensor: torch.Tensor) -> None:
     if found is None:
         return
     base, size, mapping, _ = found
-    extent = (1 + sum((length - 1) * stride for length, stride in zip(tensor.shape, tensor.stride()))) * tensor.element_size()
+    last_element = sum((length - 1) * stride for length, stride in zip(tensor.shape, tensor.stride()))
+    extent = (last_element + 1) * tensor.element_size()
     first = tensor.data_ptr() - base
     last = min(first + extent, size)
     first -= first % mmap.PAGESIZE

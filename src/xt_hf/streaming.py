@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -103,7 +105,7 @@ def encode_context_streaming(
     region_batch_size: int | None = None,
     num_workers: int = 0,
     progress: bool = False,
-    spill_directory=None,
+    spill_directory: str | os.PathLike | None = None,
 ):
     """`XTModel.encode_context` of one large image read region by region: `(XTModelOutput, (H_S, W_S))`, the
     latter the deepest stage's stitched grid size.
@@ -176,7 +178,7 @@ def segment_streaming(
     num_workers: int = 0,
     progress: bool = False,
     overwrite: bool = False,
-    spill_directory=None,
+    spill_directory: str | os.PathLike | None = None,
 ) -> tuple[int, int]:
     """Whole-scene segmentation of a large image into a class map on disk, never holding full-resolution
     features of all regions: returns the map's `(height, width)`.
