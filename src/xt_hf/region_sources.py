@@ -8,7 +8,6 @@ forwards agree.
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +15,8 @@ from typing import Protocol
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from .spill import drop_mapped_pages
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,13 +67,8 @@ def _release_memmap_rows(array: np.memmap, start: int, stop: int) -> None:
     if buffer is None or array.mode != "r" or not array.flags.c_contiguous or not hasattr(buffer, "madvise"):
         return
     row_bytes = array.strides[0]
-    base = np.frombuffer(buffer, dtype=np.uint8).ctypes.data  # the mapping's first byte
-    first = array.ctypes.data - base + start * row_bytes
-    last = min(array.ctypes.data - base + min(stop, array.shape[0]) * row_bytes, len(buffer))
-    page = mmap.PAGESIZE
-    first -= first % page
-    if last > first:
-        buffer.madvise(mmap.MADV_DONTNEED, first, last - first)
+    offset = array.ctypes.data - np.frombuffer(buffer, dtype=np.uint8).ctypes.data  # from the mapping's first byte
+    drop_mapped_pages(buffer, offset + start * row_bytes, offset + min(stop, array.shape[0]) * row_bytes)
 
 
 class SlideSource:

@@ -41,9 +41,10 @@ def spilled_empty(shape: tuple[int, ...], *, dtype: torch.dtype, directory: str 
     ensure_free_space(directory, size)
     if size == 0:
         return torch.empty(shape, dtype=dtype)
-    if filesystem_type(directory) in _MEMORY_FILESYSTEMS:
+    kind = filesystem_type(directory)
+    if kind in _MEMORY_FILESYSTEMS:
         warnings.warn(
-            f"The spill directory {str(directory)!r} is on a {filesystem_type(directory)} file system, which keeps "
+            f"The spill directory {str(directory)!r} is on a {kind} file system, which keeps "
             f"its files in memory: spilling there saves no memory. Choose a directory on a disk.", stacklevel=2,
         )
     with tempfile.TemporaryFile(dir=directory) as handle:
@@ -124,10 +125,17 @@ def release_pages(tensor: torch.Tensor) -> None:
     found = _mapping_of(tensor)
     if found is None:
         return
-    base, size, mapping, _ = found
+    base, _, mapping, _ = found
     last_element = sum((length - 1) * stride for length, stride in zip(tensor.shape, tensor.stride()))
-    extent = (last_element + 1) * tensor.element_size()
     first = tensor.data_ptr() - base
-    last = min(first + extent, size)
+    drop_mapped_pages(mapping, first, first + (last_element + 1) * tensor.element_size())
+
+
+def drop_mapped_pages(mapping: mmap.mmap, first: int, last: int) -> None:
+    """Drop the process's resident pages of bytes `first:last` of a file mapping (from the page holding
+    `first`, to the mapping's end at most). Only for mappings whose pages the file holds too: shared or
+    read-only ones."""
+    last = min(last, len(mapping))
     first -= first % mmap.PAGESIZE
-    mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
