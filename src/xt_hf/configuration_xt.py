@@ -3,17 +3,26 @@ of the released checkpoints (see `../shared/fixtures/original_xt/README.md` of t
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
-from typing import Literal
+import sys
+import warnings
+from typing import Literal, get_args, get_origin
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
 
-CONTEXT_ENCODERS = ("none", "attention", "mamba")
-CLASSIFIERS = ("pool", "context")
-LONG_SEQUENCE_ATTENTIONS = ("exact", "hyper")
+# Keys that transformers itself reads from or writes to config.json without their being XTConfig fields; an unknown
+# key that is one of these is never reported as a misspelling.
+_TRANSFORMERS_KEYS = frozenset({
+    "_attn_implementation_internal", "_commit_hash", "_experts_implementation_internal", "_name_or_path",
+    "attn_implementation", "auto_map", "base_model_prefix", "custom_pipelines", "experts_implementation",
+    "model_type", "name_or_path", "num_labels", "output_attentions", "per_layer_config", "quantization_config",
+    "rope_scaling", "rope_theta", "tie_word_embeddings", "torch_dtype", "transformers_version", "use_cache",
+})
 
 
 @strict
@@ -120,13 +129,26 @@ class XTConfig(PreTrainedConfig):
             `backbone_config.out_features` (list them all for a U-Net), shallow to deep.
         decoder_output_stride (`int`, defaults to 1):
             Segmentation logits are at `1 / decoder_output_stride` of the input resolution (1: full resolution).
-            Must divide the backbone's first out-feature stride.
+            Must be ≥ 1 and divide `region_size`, so that each region's logits are a whole number of pixels per side.
+            (The decoder works at the backbone's first out-feature stride; other strides are reached by bilinear
+            resizing, so a divisor of that stride avoids an extra upsampling.)
         semantic_loss_ignore_index (`int`, defaults to 255):
             Label value that segmentation losses ignore (unlabelled pixels).
         semantic_loss_dice_weight (`float`, defaults to 0.0):
             Weight of a soft Dice loss added to the segmentation cross-entropy.
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the truncated normal used to initialise new weights.
+
+    Validation: every field is checked when the config is built (and by `config.validate()`); a bad value raises
+    `ValueError` naming the field. `num_labels` (the length of `id2label`) must be ≥ 1. The string choice fields
+    (`context_encoder`, `context_long_sequence_attention`, `context_position_embedding`, `cls_token_position`,
+    `classifier`) accept exactly the values of their `Literal` annotation, see `XTConfig.allowed_values(name)`.
+
+    Unknown keys: a keyword argument or `config.json` key that is not a field is kept as an attribute, as
+    transformers does. If it is close to a field name (e.g. `region_szie`), a `UserWarning` (Python's `warnings`
+    module, so `warnings.simplefilter("error")` makes it fatal) names the field it probably meant, since that field
+    silently keeps its default. Keys that transformers itself writes to `config.json` (`auto_map`, `model_type`,
+    `transformers_version`, `torch_dtype`, ...) never warn.
     """
 
     model_type = "xt"
@@ -188,7 +210,12 @@ class XTConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        _warn_about_misspelt_keys(self, kwargs)
+        requested_num_labels = kwargs.get("num_labels")
         super().__post_init__(**kwargs)
+        if requested_num_labels is not None and requested_num_labels < 1:
+            # `num_labels=-3` leaves an empty `id2label`; report the number that was asked for.
+            raise ValueError(f"`num_labels` must be ≥ 1, got {requested_num_labels}.")
         if self.context_num_heads is None:
             self.context_num_heads = max(1, self.context_hidden_size // 128)
         if self.mamba_dt_rank is None:
@@ -201,6 +228,14 @@ class XTConfig(PreTrainedConfig):
             self.backbone_config.image_size = self.region_size
 
         self.check_fields()
+
+    @classmethod
+    def allowed_values(cls, name: str) -> tuple:
+        """The values the string choice field `name` accepts, read from its `Literal` annotation."""
+        choices = _literal_fields(cls).get(name)
+        if choices is None:
+            raise KeyError(f"{name!r} is not a choice field of {cls.__name__}: {sorted(_literal_fields(cls))}.")
+        return choices
 
     def validate_architecture(self):
         """`@strict`'s validation hook (`config.validate()`); the same checks as at construction."""
@@ -222,10 +257,14 @@ class XTConfig(PreTrainedConfig):
             raise ValueError(f"`context_token_chunk_size` must be ≥ 1, got {self.context_token_chunk_size}.")
         if not 0.0 < self.grad_ratio <= 1.0:
             raise ValueError(f"`grad_ratio` must be in (0, 1], got {self.grad_ratio}.")
-        if self.context_encoder not in CONTEXT_ENCODERS:
-            raise ValueError(f"`context_encoder` must be one of {CONTEXT_ENCODERS}, got {self.context_encoder!r}.")
-        if self.classifier not in CLASSIFIERS:
-            raise ValueError(f"`classifier` must be one of {CLASSIFIERS}, got {self.classifier!r}.")
+        for name, choices in _literal_fields(type(self)).items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"`{name}` must be one of {choices}, got {getattr(self, name)!r}.")
+        if self.num_labels is None or self.num_labels < 1:
+            raise ValueError(
+                f"`num_labels` must be ≥ 1 (one output per class; 1 for regression), got {self.num_labels} "
+                f"(`id2label` has {len(self.id2label or {})} entries)."
+            )
         if self.classifier == "context" and self.context_encoder == "none":
             raise ValueError(
                 '`classifier="context"` reads a CLS token that only a context encoder can fill: set '
@@ -245,11 +284,6 @@ class XTConfig(PreTrainedConfig):
                 f"`context_num_heads` ({heads}) must be ≥ 1 and divide `context_hidden_size` "
                 f"({self.context_hidden_size})."
             )
-        if self.context_long_sequence_attention not in LONG_SEQUENCE_ATTENTIONS:
-            raise ValueError(
-                f"`context_long_sequence_attention` must be one of {LONG_SEQUENCE_ATTENTIONS}, "
-                f"got {self.context_long_sequence_attention!r}."
-            )
         for name in ("hyper_min_seq_len", "hyper_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be ≥ 1, got {getattr(self, name)}.")
@@ -264,15 +298,76 @@ class XTConfig(PreTrainedConfig):
                 f"`in_context_patches` must be -1 (off) or ≥ 2 (windows advance by half their length), "
                 f"got {self.in_context_patches}."
             )
-        if self.decoder_hidden_size < 1 or self.decoder_output_stride < 1:
+        if self.decoder_hidden_size < 1:
+            raise ValueError(f"`decoder_hidden_size` must be ≥ 1, got {self.decoder_hidden_size}.")
+        stride = self.decoder_output_stride
+        if not isinstance(stride, int) or stride < 1 or self.region_size % stride:
             raise ValueError(
-                f"`decoder_hidden_size` and `decoder_output_stride` must be ≥ 1, got {self.decoder_hidden_size} and "
-                f"{self.decoder_output_stride}."
+                f"`decoder_output_stride` must be ≥ 1 and divide `region_size` ({self.region_size}), got {stride!r}."
             )
         if self.semantic_loss_dice_weight < 0:
             raise ValueError(f"`semantic_loss_dice_weight` must be ≥ 0, got {self.semantic_loss_dice_weight}.")
         if self.context_mlp_ratio <= 0 or self.classifier_mlp_ratio < 1:
             raise ValueError("`context_mlp_ratio` must be > 0 and `classifier_mlp_ratio` ≥ 1.")
 
+
+def _literal_fields(cls) -> dict[str, tuple]:
+    """`{field: allowed values}` for every field of `cls` (and its XT bases) annotated with a `Literal`.
+
+    The annotations are strings (`from __future__ import annotations`), so each one that names a `Literal` is
+    evaluated in this module; `typing.get_type_hints` would also evaluate the base classes' annotations, which name
+    modules this one does not import.
+    """
+    cached = cls.__dict__.get("_literal_fields_cache")
+    if cached is not None:
+        return cached
+    choices = {}
+    for klass in reversed(cls.__mro__):
+        for name, annotation in vars(klass).get("__annotations__", {}).items():
+            if isinstance(annotation, str):
+                if "Literal[" not in annotation:
+                    continue
+                annotation = eval(annotation, globals())  # noqa: S307 - our own annotation text
+            candidates = [annotation] if get_origin(annotation) is Literal else list(get_args(annotation))
+            values = tuple(v for c in candidates if get_origin(c) is Literal for v in get_args(c))
+            if values:
+                choices[name] = values + ((None,) if type(None) in get_args(annotation) else ())
+    cls._literal_fields_cache = choices
+    return choices
+
+
+def _warn_about_misspelt_keys(config, kwargs: dict) -> None:
+    """Warn for each unknown key in `kwargs` that looks like a misspelt field of `config` (difflib, ratio ≥ 0.8)."""
+    cls = type(config)
+    fields = set(cls.__dataclass_fields__) | {"num_labels"}
+    for key in kwargs:
+        if not isinstance(key, str) or key in fields or key in _TRANSFORMERS_KEYS:
+            continue
+        suggestion = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
+        if suggestion:
+            name = suggestion[0]
+            current = "" if name == "num_labels" else f" (it is {getattr(config, name)!r})"
+            warnings.warn(
+                f"{cls.__name__} got the unknown key `{key}`: did you mean `{name}`? `{key}` is kept as an extra "
+                f"attribute but nothing reads it, and `{name}` is not set from it{current}.",
+                UserWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+
+
+def _caller_stacklevel() -> int:
+    """`warnings.warn` stack level of the first frame outside this module and the dataclass machinery, so that the
+    warning points at the line that built the config (or at transformers' loader when it came from a file)."""
+    internal = {__file__, dataclasses.__file__, sys.modules[PreTrainedConfig.__module__].__file__, "<string>"}
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename in internal or "huggingface_hub" in frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+# The choice fields' allowed values, for code that wants them as constants; derived from the annotations.
+CONTEXT_ENCODERS = XTConfig.allowed_values("context_encoder")
+CLASSIFIERS = XTConfig.allowed_values("classifier")
+LONG_SEQUENCE_ATTENTIONS = XTConfig.allowed_values("context_long_sequence_attention")
 
 __all__ = ["XTConfig"]
