@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import HieraConfig, Swinv2Config
 
+from conversion.checkpoint_io import describe_file, file_kind
 from xt_hf import XTConfig
 
 # Architecture of each original `backbone_class` builder (timm / hiera-transformer defaults).
@@ -28,24 +29,57 @@ HIERA_BACKBONES = {
 SWINV2_REGION_SIZE = 256
 
 
+class ConfigError(ValueError):
+    """An original config that cannot be read, with the reason in words."""
+
+
 def read_model_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """`(model_config, backbone_overrides)` from an original YAML config or a JSON with `model_config`.
 
     Backbone overrides are the shrink arguments of the test fixtures' `variant.json`
-    (`backbone.shrink_kwargs`); released configs have none.
+    (`backbone.shrink_kwargs`); released configs have none. Raises `ConfigError` naming the problem.
     """
     path = Path(path)
-    text = path.read_text()
+    expected = "expected an original xT YAML config (.yaml) or a JSON holding its `model_config`"
+    if not path.is_file():
+        raise ConfigError(f"Config {path} does not exist or is not a file.")
+    if file_kind(path) not in ("JSON", "text"):
+        raise ConfigError(f"{path} is {describe_file(path)}, not a config: {expected}.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text: {expected}.") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        document = yaml.safe_load(text)
+        try:
+            document = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise ConfigError(f"{path} is not valid YAML{where}: {expected}.") from None
+        if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
+            raise ConfigError(f"{path} has no `model` section: {expected}.")
         return document["model"], {}
-    document = json.loads(text)
-    model_config = document.get("model_config", document.get("model"))
-    if model_config is None:
-        raise ValueError(f"{path} has neither `model_config` nor `model`: not an original xT config.")
-    return model_config, document.get("backbone", {}).get("shrink_kwargs", {})
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON (line {error.lineno}): {expected}.") from None
+    model_config = document.get("model_config", document.get("model")) if isinstance(document, dict) else None
+    if not isinstance(model_config, dict):
+        raise ConfigError(f"{path} has neither `model_config` nor `model`: {expected}.")
+    shrink = document.get("backbone", {})
+    return model_config, shrink.get("shrink_kwargs", {}) if isinstance(shrink, dict) else {}
+
+
+REQUIRED_KEYS = ("backbone_class", "num_classes")
+
+
+def check_model_config(model_config: dict[str, Any], source: str | Path = "the model config") -> None:
+    """Raise `ConfigError` when `model_config` lacks a key the conversion needs."""
+    missing = [key for key in REQUIRED_KEYS if key not in model_config]
+    if missing:
+        raise ConfigError(f"{source} lacks {', '.join(missing)}: not a complete original xT model config.")
 
 
 def backbone_config_from_original(backbone_class: str, overrides: dict[str, Any], drop_path_rate: float):
@@ -79,13 +113,14 @@ def backbone_config_from_original(backbone_class: str, overrides: dict[str, Any]
             **arguments,
         )
     known = sorted(SWINV2_BACKBONES) + sorted(HIERA_BACKBONES)
-    raise ValueError(f"Unknown original backbone_class {backbone_class!r}; known: {known}.")
+    raise ConfigError(f"Unknown original backbone_class {backbone_class!r}; known: {known}.")
 
 
 def xt_config_from_original(
     model_config: dict[str, Any], backbone_overrides: dict[str, Any] | None = None, **extra: Any
 ) -> XTConfig:
     """Build the `XTConfig` that computes what the original model of `model_config` computes."""
+    check_model_config(model_config)
     backbone = model_config.get("backbone", {})
     region_size, backbone_config = backbone_config_from_original(
         model_config["backbone_class"], backbone_overrides or {}, backbone.get("drop_path_rate", 0.0)
@@ -133,6 +168,6 @@ def xt_config_from_original(
                              mamba_reverse_even_layers=True, mamba_residual_from_normed=True,
                              context_layer_norm_eps=1e-5)
         else:
-            raise ValueError(f"Unknown original context.attention_method {method!r}.")
+            raise ConfigError(f"Unknown original context.attention_method {method!r}; known: hyper, naive, mamba.")
     arguments.update(extra)
     return XTConfig(**arguments)
