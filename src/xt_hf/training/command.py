@@ -1,0 +1,34 @@
+"""The `xt-hf train` command (also `python -m xt_hf.train`, `accelerate launch -m xt_hf.train`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from .arguments import config_from_arguments, train_argument_parser
+from .loop import train
+
+DESCRIPTION = "Fine-tune an xT classifier or segmenter with 🤗 Accelerate: one script from a laptop CPU to many GPUs."
+EPILOG = ("Settings come from the --config file, then flags, then --set; later sources win. "
+          "docs/fine-tuning.md describes every setting.")
+
+
+def add_parser(subparsers) -> None:
+    """Register `xt-hf train` on the `xt-hf` command's sub-parsers; its `run` trains."""
+    parser = subparsers.add_parser(
+        "train", help="fine-tune an xT classifier or segmenter (Accelerate; also `accelerate launch -m xt_hf.train`)",
+        description=DESCRIPTION, epilog=EPILOG, parents=[train_argument_parser(add_help=False)],
+    )
+    parser.set_defaults(run=run)
+
+
+def run(arguments: argparse.Namespace) -> dict[str, float]:
+    return train(config_from_arguments(arguments))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    parser = train_argument_parser(prog="python -m xt_hf.train", description=DESCRIPTION, epilog=EPILOG)
+    return run(parser.parse_args(argv))
+
+
+__all__ = ["add_parser", "main", "run"]
