@@ -14,19 +14,51 @@ from conftest import FIXTURES, REGION, REPO_ROOT, tiny_config
 from transformers import AutoModelForImageClassification
 
 from conversion.checkpoint_io import CheckpointError, load_original_state_dict
-from conversion.convert_original_checkpoint import ConversionError, convert_checkpoint, main, resolve_variant, verify
+from conversion.convert_original_checkpoint import (
+    read_reference,
+    ConversionError,
+    VerificationError,
+    convert_checkpoint,
+    main,
+    resolve_variant,
+    verify,
+)
 from conversion.key_mapping import MappingContext, MappingReport, check_against_model, map_state_dict, rules_for
 from conversion.make_model_cards import MODELING, expected_files
-from conversion.original_config import xt_config_from_original
+from conversion.original_config import ConfigError, read_model_config, xt_config_from_original
+from conversion.parity_fixtures import missing_fixture_action, require_fixtures, skip_or_fail
 from xt_hf import XTForImageClassification, XTImageProcessor
 
 FIXTURE_VARIANTS = sorted(p.name for p in FIXTURES.iterdir() if (p / "model.ckpt").is_file()) if FIXTURES.is_dir() else []
 MANIFESTS = sorted((FIXTURES / "manifests").glob("*.json")) if FIXTURES.is_dir() else []
-needs_fixtures = pytest.mark.skipif(not FIXTURE_VARIANTS, reason=f"parity fixtures not found at {FIXTURES}")
+
+
+def check_parity_fixtures():
+    """Skips without the fixtures locally; fails on CI (`CI=true`), where they must be present."""
+    if not FIXTURE_VARIANTS:
+        skip_or_fail(f"parity fixtures not found at {FIXTURES}")
+
+
+@pytest.fixture
+def parity_fixtures():
+    check_parity_fixtures()
+
+
+@pytest.fixture
+def released_manifests():
+    if not MANIFESTS:
+        skip_or_fail(f"key-layout manifests not found at {FIXTURES / 'manifests'}")
+
+
+# A fixture rather than `skipif`, so that CI fails; the placeholder parameters keep the parametrized tests
+# from becoming an empty (silently skipped) parameter set when the fixtures are missing.
+needs_fixtures = pytest.mark.usefixtures("parity_fixtures")
+VARIANT_PARAMETERS = FIXTURE_VARIANTS or ["fixtures-missing"]
+MANIFEST_PARAMETERS = MANIFESTS or [FIXTURES / "manifests" / "fixtures-missing.json"]
 
 
 @needs_fixtures
-@pytest.mark.parametrize("variant", FIXTURE_VARIANTS)
+@pytest.mark.parametrize("variant", VARIANT_PARAMETERS)
 def test_converted_checkpoint_matches_original_logits(variant):
     folder = FIXTURES / variant
     model, _, report = convert_checkpoint(folder / "model.ckpt", original_config=folder / "variant.json")
@@ -61,8 +93,8 @@ def test_script_runs_from_the_repository_root(tmp_path):
     assert re.search(r"max \|Δ\| logits = [0-9.e-]+", result.stdout)
 
 
-@needs_fixtures
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=[m.stem for m in MANIFESTS])
+@pytest.mark.usefixtures("released_manifests")
+@pytest.mark.parametrize("manifest", MANIFEST_PARAMETERS, ids=[m.stem for m in MANIFEST_PARAMETERS])
 def test_every_released_key_layout_maps_completely(manifest):
     layout = json.loads(manifest.read_text())
     config = xt_config_from_original(layout["model_config"])
@@ -126,11 +158,44 @@ class NotATensor:
     """Unpickling this would need to import and run test code."""
 
 
-def test_pickle_that_needs_arbitrary_code_is_refused(tmp_path):
+class RunsCode:
+    """Unpickling this calls a function (`__reduce__`): torch words its refusal differently."""
+
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize(("payload", "offender"), [
+    (NotATensor, r"test_conversion\.NotATensor"),
+    (RunsCode, r"builtins\.print"),
+], ids=["custom-class", "reduce-to-function"])
+def test_pickle_that_needs_code_is_refused_naming_the_global(tmp_path, payload, offender, legacy):
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"x": NotATensor()}}, path)
-    with pytest.raises(CheckpointError, match="Refusing to load .*arbitrary Python objects"):
+    torch.save({"state_dict": {"x": payload()}}, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError) as raised:
         load_original_state_dict(path)
+    message = str(raised.value)
+    assert re.search(rf"Refused .*needs code \({offender}\).*weights_only", message), message
+    assert "corrupt" not in message and "truncated" not in message
+
+
+def test_empty_checkpoint_is_named_empty(tmp_path, capsys):
+    empty = tmp_path / "empty.ckpt"
+    empty.touch()
+    with pytest.raises(CheckpointError, match=r"is empty \(0 bytes\)"):
+        load_original_state_dict(empty)
+    assert main(["--checkpoint", str(empty), "--variant", "swin-t-mamba-512-256", "--output", str(tmp_path / "o")]) == 2
+    assert _one_error_line(capsys).endswith("is empty (0 bytes): download or copy it again.")
+    assert not (tmp_path / "o").exists()
+
+
+def _one_error_line(capsys) -> str:
+    """The single `error: ...` line the script prints on stderr (no traceback)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
 
 
 @needs_fixtures
@@ -165,6 +230,192 @@ def test_label_names_must_match_the_class_count(tmp_path):
     names.write_text("only\ntwo")
     with pytest.raises(ConversionError, match="names 2 labels but the checkpoint's classifier has 10"):
         convert_checkpoint(folder / "model.ckpt", original_config=folder / "variant.json", labels=names)
+
+
+# ---- non-finite weights and outputs -----------------------------------------------------------
+
+def _fixture_arguments(output, variant="swin-naive"):
+    folder = FIXTURES / variant
+    return ["--checkpoint", str(folder / "model.ckpt"), "--original-config", str(folder / "variant.json"),
+            "--output", str(output)]
+
+
+def _nothing_written(tmp_path, output) -> bool:
+    """No output folder and no staging folder left behind."""
+    return not output.exists() and not list(output.parent.glob(f".{output.name}.partial-*"))
+
+
+def _altered_checkpoint(tmp_path, key, change):
+    payload = torch.load(FIXTURES / "swin-naive" / "model.ckpt", map_location="cpu", weights_only=True)
+    weight = payload["state_dict"][key]
+    payload["state_dict"][key] = change(weight.clone())
+    path = tmp_path / "altered.ckpt"
+    torch.save(payload, path)
+    return path
+
+
+@needs_fixtures
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_weight_fails_naming_the_tensor(tmp_path, capsys, value):
+    key = "module.decoder.layers.3.weight"
+    checkpoint = _altered_checkpoint(tmp_path, key, lambda w: w.index_put_((torch.tensor([0]),), torch.tensor(value)))
+    output = tmp_path / "repo"
+    arguments = _fixture_arguments(output)
+    arguments[1] = str(checkpoint)
+    assert main(arguments + ["--verify", str(FIXTURES / "swin-naive" / "io.safetensors")]) == 2
+    line = _one_error_line(capsys)
+    assert "non-finite weights" in line and "decoder.layers.3.weight" in line, line
+    assert ("NaN" if value != value else "inf") in line
+    assert _nothing_written(tmp_path, output)
+    with pytest.raises(CheckpointError, match="non-finite weights: decoder.layers.3.weight"):  # also without --verify
+        convert_checkpoint(checkpoint, original_config=FIXTURES / "swin-naive" / "variant.json")
+
+
+@needs_fixtures
+def test_non_finite_output_fails_verification(tmp_path, capsys):
+    # Finite weights whose outputs overflow float32: a max |Δ| of inf/nan must not pass as "within tolerance".
+    checkpoint = _altered_checkpoint(tmp_path, "module.decoder.layers.3.weight", lambda w: w.sign() * 3e38)
+    output = tmp_path / "repo"
+    arguments = _fixture_arguments(output)
+    arguments[1] = str(checkpoint)
+    assert main(arguments + ["--verify", str(FIXTURES / "swin-naive" / "io.safetensors")]) == 1
+    line = _one_error_line(capsys)
+    assert "outputs are not finite: logits" in line and line.endswith("nothing written"), line
+    assert _nothing_written(tmp_path, output)
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name", ["logits", "pixel_values", "region_features"])
+def test_non_finite_reference_is_rejected_naming_the_tensor(tmp_path, capsys, name):
+    from safetensors.torch import load_file, save_file
+
+    reference = load_file(str(FIXTURES / "swin-naive" / "io.safetensors"))
+    reference[name].view(-1)[0] = float("nan")
+    io_file = tmp_path / "io.safetensors"
+    save_file(reference, str(io_file))
+    output = tmp_path / "repo"
+    assert main(_fixture_arguments(output) + ["--verify", str(io_file)]) == 2
+    assert re.search(rf"--verify file .* non-finite values in {name} \(1 NaN\)", _one_error_line(capsys))
+    assert _nothing_written(tmp_path, output)
+
+
+@needs_fixtures
+def test_failed_write_leaves_no_partial_repo(tmp_path, capsys, monkeypatch):
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(XTImageProcessor, "save_pretrained", disk_full)  # after the weights were written
+    output = tmp_path / "repo"
+    assert main(_fixture_arguments(output)) == 2
+    line = _one_error_line(capsys)
+    assert f"could not write {output}: [Errno 28] No space left on device; nothing written" in line, line
+    assert _nothing_written(tmp_path, output) and list(tmp_path.iterdir()) == []
+
+
+# ---- inputs of the wrong kind: one line, status 2, nothing written -------------------------------------
+
+def _wrong_kind_files(tmp_path):
+    from safetensors.torch import save_file
+
+    files = {"text": tmp_path / "notes.txt", "json": tmp_path / "variant.json",
+             "safetensors": tmp_path / "io.safetensors", "ckpt": tmp_path / "model.ckpt"}
+    files["text"].write_text("not a config\n")
+    files["json"].write_text(json.dumps({"model_config": {"backbone_class": "hiera_base", "num_classes": 3}}))
+    save_file({"pixel_values": torch.zeros(1, 3, 4, 4), "logits": torch.zeros(1, 3)}, str(files["safetensors"]))
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, files["ckpt"])
+    return files
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("text", r"is a text file: expected a safetensors file"),
+    ("json", r"is a JSON file: expected a safetensors file"),
+    ("ckpt", r"is a zip file \(a PyTorch checkpoint\?\): expected a safetensors file"),
+])
+def test_verify_file_of_the_wrong_kind_is_named(tmp_path, kind, message):
+    with pytest.raises(ConversionError, match=message):
+        read_reference(_wrong_kind_files(tmp_path)[kind])
+
+
+def test_verify_file_without_the_recorded_outputs_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path))
+    with pytest.raises(ConversionError, match="lacks pixel_values, logits"):
+        read_reference(path)
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("text", r"is not valid JSON \(line 1\): expected an original xT YAML config"),
+    ("safetensors", r"is a safetensors file, not a config"),
+    ("ckpt", r"is a zip file \(a PyTorch checkpoint\?\), not a config"),
+])
+def test_original_config_of_the_wrong_kind_is_named(tmp_path, kind, message):
+    with pytest.raises(ConfigError, match=message):
+        read_model_config(_wrong_kind_files(tmp_path)[kind])
+
+
+def test_original_config_without_a_model_config_is_named(tmp_path):
+    (tmp_path / "a.json").write_text("[1, 2]")
+    (tmp_path / "b.yaml").write_text("trainer:\n  epochs: 3\n")
+    (tmp_path / "c.json").write_text(json.dumps({"model_config": {"num_classes": 3}}))
+    with pytest.raises(ConfigError, match="neither `model_config` nor `model`"):
+        read_model_config(tmp_path / "a.json")
+    with pytest.raises(ConfigError, match="no `model` section"):
+        read_model_config(tmp_path / "b.yaml")
+    with pytest.raises(ConfigError, match="lacks backbone_class"):
+        xt_config_from_original(read_model_config(tmp_path / "c.json")[0])
+
+
+@needs_fixtures
+@pytest.mark.parametrize(("flag", "kind", "message"), [
+    ("--verify", "json", "is a JSON file: expected a safetensors file"),
+    ("--verify", "text", "is a text file: expected a safetensors file"),
+    ("--verify", "ckpt", "is a zip file (a PyTorch checkpoint?): expected a safetensors file"),
+    ("--original-config", "safetensors", "is a safetensors file, not a config"),
+    ("--original-config", "text", "is not valid JSON (line 1)"),
+    ("--checkpoint", "json", "is a JSON file, not a PyTorch checkpoint"),
+    ("--checkpoint", "safetensors", "it is a --verify file, not a checkpoint"),
+    ("--output", "text", "is a file, not a folder"),
+])
+def test_command_line_names_a_file_of_the_wrong_kind(tmp_path, capsys, flag, kind, message):
+    files = _wrong_kind_files(tmp_path)
+    output = tmp_path / "repo"
+    arguments = _fixture_arguments(output)
+    if flag == "--verify":
+        arguments += ["--verify", str(files[kind])]
+    else:
+        arguments[arguments.index(flag) + 1] = str(files[kind])
+    assert main(arguments) == 2
+    line = _one_error_line(capsys)
+    assert message in line, line
+    assert files["text"].read_text() == "not a config\n"  # an --output file is never touched
+    assert _nothing_written(tmp_path, output)
+
+
+# ---- missing fixtures: skip locally, fail on CI ---------------------------------------------------------
+
+def test_missing_fixtures_skip_locally_but_fail_on_ci(tmp_path, monkeypatch):
+    absent = tmp_path / "absent" / "model.ckpt"
+    monkeypatch.delenv("CI", raising=False)
+    for environment in ({}, {"CI": "false"}, {"CI": ""}):
+        with pytest.raises(pytest.skip.Exception, match="parity fixtures not found: .*absent"):
+            require_fixtures([tmp_path, absent], environment)
+    for value in ("true", "True", "1"):
+        assert missing_fixture_action(False, {"CI": value}) == "fail"
+        with pytest.raises(pytest.fail.Exception, match="CI=true requires the parity fixtures"):
+            require_fixtures([tmp_path, absent], {"CI": value})
+        require_fixtures([tmp_path], {"CI": value})  # nothing missing: the test runs
+    assert missing_fixture_action(True, {"CI": "true"}) == "run"
+    assert missing_fixture_action(False, {}) == "skip"
+
+    # this module's own guard reads the real environment
+    monkeypatch.setattr(sys.modules[__name__], "FIXTURE_VARIANTS", [])
+    with pytest.raises(pytest.skip.Exception):
+        check_parity_fixtures()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=re.escape(str(FIXTURES))):
+        check_parity_fixtures()
 
 
 # ---- modeling/ ------------------------------------------------------------------------------
