@@ -150,7 +150,9 @@ def test_block_parameters_carry_the_original_names_and_shapes():
 def test_released_mamba_layer_keys_load_unchanged():
     manifest = FIXTURES / "manifests" / "swin_v2_tiny_1e-4_mamba_512_256.json"
     if not manifest.exists():
-        pytest.skip(f"{manifest} is not available")
+        from conversion.parity_fixtures import skip_or_fail  # skips locally, fails on CI (CI=true)
+
+        skip_or_fail(f"{manifest} is not available")
     prefix = "module.decoder.layers.0."
     released = {
         entry["key"].removeprefix(prefix): tuple(entry["shape"])
