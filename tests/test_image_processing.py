@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.utils import is_torchvision_available
 
 from xt_hf import XTImageProcessor
+from xt_hf.image_processing_xt import dtype_rescale_factor, normalize_pixels
+
+needs_torchvision = pytest.mark.skipif(not is_torchvision_available(), reason="torchvision is not installed")
 
 REGION = 16
 # ImageNet statistics written out, so that normalisation is checked against numbers, not against the constant used.
@@ -35,7 +39,7 @@ def processor() -> XTImageProcessor:
 def test_defaults_follow_the_original_xt():
     processor = XTImageProcessor()
     assert processor.region_size == 256
-    assert processor.do_rescale and processor.rescale_factor == pytest.approx(1 / 255)
+    assert processor.do_rescale and processor.rescale_factor is None  # by data type: uint8 / 255
     assert processor.do_normalize
     np.testing.assert_allclose(processor.image_mean, MEAN.ravel())
     np.testing.assert_allclose(processor.image_std, STD.ravel())
@@ -116,12 +120,16 @@ def test_pil_numpy_and_torch_inputs_give_the_same_pixel_values(processor):
     same_image = {
         "numpy HWC uint8": image,
         "numpy CHW uint8": image.transpose(2, 0, 1),
-        "numpy HWC float": image.astype(np.float64),
+        "numpy HWC float in [0, 1]": image.astype(np.float64) / 255,
         "torch CHW uint8": torch.from_numpy(image).permute(2, 0, 1),
-        "torch HWC float": torch.from_numpy(image).float(),
+        "torch HWC float in [0, 1]": torch.from_numpy(image).float() / 255,
+        "numpy HWC uint16": image.astype(np.uint16) * 257,
     }
     for name, variant in same_image.items():
         torch.testing.assert_close(processor(variant, return_tensors="pt")["pixel_values"], expected, msg=name)
+    # Float images holding 0-255 values need the factor spelt out.
+    as_float = processor(image.astype(np.float32), rescale_factor=1 / 255, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(as_float, expected)
     batched = processor([Image.fromarray(image), image], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batched, expected.expand(2, -1, -1, -1))
 
@@ -194,3 +202,188 @@ def test_save_and_load_keep_every_attribute(tmp_path):
     np.testing.assert_array_equal(
         loaded(image, return_tensors="np")["pixel_values"], processor(image, return_tensors="np")["pixel_values"]
     )
+
+
+# --- Rescaling by data type, and the shared normalisation function -------------------------------------------------
+
+
+def test_uint16_images_are_rescaled_by_their_range_like_uint8(processor):
+    image = random_image(32, 48)
+    wide = image.astype(np.uint16) * 257  # 255 -> 65535: the same intensities in 16 bits
+    pixel_values = processor(wide, return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(pixel_values, by_hand(image), rtol=0, atol=1e-5)
+    white = np.full((16, 16, 3), 65535, dtype=np.uint16)
+    np.testing.assert_array_equal(
+        processor(white, return_tensors="np")["pixel_values"],
+        processor(np.full((16, 16, 3), 255, dtype=np.uint8), return_tensors="np")["pixel_values"],
+    )
+    # Exactly what the streaming engine gets from the public function on the same (h, w, C) window.
+    np.testing.assert_array_equal(
+        pixel_values, normalize_pixels(wide, image_mean=processor.image_mean, image_std=processor.image_std)
+    )
+
+
+def test_16_bit_png_and_float_tiff_files(tmp_path):
+    gray = XTImageProcessor(region_size=REGION, image_mean=[0.5], image_std=[0.25])  # num_channels from image_mean
+    levels = (np.arange(16 * 16).reshape(16, 16) * 250).astype(np.uint16)
+    Image.fromarray(levels).save(tmp_path / "sixteen.png")
+    with Image.open(tmp_path / "sixteen.png") as file:
+        assert file.mode == "I;16"
+        pixel_values = gray(file, return_tensors="np")["pixel_values"][0, 0]
+    np.testing.assert_allclose(pixel_values, (levels / 65535 - 0.5) / 0.25, rtol=0, atol=1e-5)
+
+    fractions = np.random.default_rng(3).random((16, 16), dtype=np.float32)
+    Image.fromarray(fractions).save(tmp_path / "float.tif")
+    with Image.open(tmp_path / "float.tif") as file:
+        assert file.mode == "F"
+        pixel_values = gray(file, return_tensors="np")["pixel_values"][0, 0]
+    np.testing.assert_allclose(pixel_values, (fractions - 0.5) / 0.25, rtol=0, atol=1e-6)  # taken as in [0, 1]
+
+
+def test_float_images_above_one_are_used_as_given_with_a_warning(processor, caplog):
+    image = np.full((16, 16, 3), 3.75, dtype=np.float32)
+    pixel_values = processor(image, return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(pixel_values, (3.75 - MEAN) / STD * np.ones((1, 16, 16)), rtol=0, atol=1e-5)
+    assert "values up to 3.75: pass rescale_factor=1/255" in caplog.text
+
+
+def test_an_explicit_rescale_factor_wins_over_the_data_type(tmp_path):
+    twelve_bit = np.random.default_rng(1).integers(0, 4096, (16, 16, 3), dtype=np.uint16)
+    expected = (twelve_bit.transpose(2, 0, 1) / 4095 - MEAN) / STD
+    processor = XTImageProcessor(region_size=REGION, rescale_factor=1 / 4095)
+    np.testing.assert_allclose(processor(twelve_bit, return_tensors="np")["pixel_values"][0], expected, atol=1e-5)
+    processor.save_pretrained(tmp_path)
+    reloaded = XTImageProcessor.from_pretrained(tmp_path)
+    assert reloaded.rescale_factor == pytest.approx(1 / 4095)
+    by_type = XTImageProcessor(region_size=REGION)
+    np.testing.assert_allclose(
+        by_type(twelve_bit, rescale_factor=1 / 4095, return_tensors="np")["pixel_values"][0], expected, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="rescale_factor must be None .* or a positive number"):
+        by_type(twelve_bit, rescale_factor=-1.0)
+
+
+def test_dtype_rescale_factor():
+    assert dtype_rescale_factor(np.uint8) == 1 / 255
+    assert dtype_rescale_factor(np.uint16) == 1 / 65535
+    assert dtype_rescale_factor(np.int16) == 1 / 32767
+    assert dtype_rescale_factor(np.float32) == dtype_rescale_factor(np.float64) == dtype_rescale_factor(bool) == 1.0
+    assert dtype_rescale_factor(torch.uint8) == 1 / 255 and dtype_rescale_factor(torch.float16) == 1.0
+
+
+def test_normalize_pixels_takes_windows_of_any_layout_and_type():
+    window = random_image(5, 7)
+    expected = by_hand(window)
+    stats = dict(image_mean=MEAN.ravel().tolist(), image_std=STD.ravel().tolist())
+    out = normalize_pixels(window, **stats)
+    assert out.shape == (3, 5, 7) and out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(normalize_pixels(window.transpose(2, 0, 1), **stats, input_data_format="channels_first"), out)
+    np.testing.assert_array_equal(normalize_pixels(torch.from_numpy(window), **stats).numpy(), out)  # same bits
+    np.testing.assert_array_equal(normalize_pixels(window, **stats, rescale_factor=1 / 255), out)
+    np.testing.assert_allclose(normalize_pixels(window, **stats, do_normalize=False), window.transpose(2, 0, 1) / 255, atol=1e-7)
+    np.testing.assert_array_equal(normalize_pixels(window, **stats, do_rescale=False, do_normalize=False), window.transpose(2, 0, 1))
+    with pytest.raises(ValueError, match="image_mean has 3 values but the image has 4 channels"):
+        normalize_pixels(random_image(5, 7, channels=4), **stats)
+
+
+# --- num_channels, empty batches, segmentation scores ---------------------------------------------------------------
+
+
+def test_num_channels_is_inferred_from_image_mean_and_std(tmp_path):
+    processor = XTImageProcessor(region_size=REGION, image_mean=[0.5, 0.5, 0.5, 0.5], image_std=[0.25] * 4)
+    assert processor.num_channels == 4
+    image = random_image(20, 20, channels=4)
+    pixel_values = processor(image, return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(pixel_values[0, :, :20, :20], (image.transpose(2, 0, 1) / 255 - 0.5) / 0.25, atol=1e-5)
+    processor.save_pretrained(tmp_path)
+    assert XTImageProcessor.from_pretrained(tmp_path).num_channels == 4
+    assert XTImageProcessor(image_std=(0.2, 0.2)).num_channels == 2
+    assert XTImageProcessor(image_mean=0.5, image_std=0.25).num_channels == 3  # one value for any channel count
+    with pytest.raises(ValueError, match="image_mean has 4 values but num_channels is 3"):
+        XTImageProcessor(region_size=REGION, num_channels=3, image_mean=[0.5] * 4, image_std=[0.25] * 4)(image)
+
+
+@pytest.mark.parametrize(
+    "empty",
+    [[], (), np.zeros((0, 20, 20, 3), dtype=np.uint8), torch.zeros(0, 3, 20, 20)],
+    ids=["list", "tuple", "numpy-batch", "torch-batch"],
+)
+def test_an_empty_batch_is_rejected(processor, empty):
+    with pytest.raises(ValueError, match="No images to process"):
+        processor(empty, return_tensors="pt")
+
+
+def test_post_process_semantic_segmentation_returns_scores_on_request(processor):
+    from types import SimpleNamespace
+
+    logits = torch.randn(2, 3, 32, 48)  # a batch padded to 32×48 at full resolution
+    outputs = SimpleNamespace(logits=logits)
+    sizes = [(20, 37), (30, 17)]
+    maps = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
+    scored = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes, return_segmentation_scores=True)
+    for (height, width), image_logits, plain, item in zip(sizes, logits, maps, scored):
+        assert item["segmentation_scores"].shape == (3, height, width)
+        torch.testing.assert_close(item["segmentation_scores"], image_logits[:, :height, :width])
+        assert torch.equal(item["segmentation"], plain) and torch.equal(plain, item["segmentation_scores"].argmax(0))
+    uncropped = processor.post_process_semantic_segmentation(outputs, return_segmentation_scores=True)
+    assert uncropped[1].segmentation_scores.shape == (3, 32, 48)
+
+
+# --- The torchvision backend ----------------------------------------------------------------------------------------
+
+
+def backend_inputs():
+    rng = np.random.default_rng(7)
+    yield "uint8 HWC", rng.integers(0, 256, (20, 37, 3), dtype=np.uint8)
+    yield "uint16 HWC", rng.integers(0, 65536, (40, 17, 3), dtype=np.uint16)
+    yield "float CHW", rng.random((3, 33, 50), dtype=np.float32)
+    yield "torch uint8 CHW", torch.from_numpy(rng.integers(0, 256, (3, 18, 70), dtype=np.uint8))
+    yield "PIL", Image.fromarray(rng.integers(0, 256, (45, 30, 3), dtype=np.uint8))
+
+
+@needs_torchvision
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"do_resize": True}, {"do_resize": True, "size": {"height": 40, "width": 24}},
+     {"do_resize": True, "resample": 3}, {"do_resize": True, "resample": 0},
+     {"do_normalize": False, "pad_value": -1.0}],
+    ids=["plain", "resize-to-regions", "resize-to-size", "bicubic", "nearest", "no-normalize"],
+)
+def test_torchvision_backend_matches_pil(settings):
+    from xt_hf.image_processing_xt_fast import XTImageProcessorFast
+
+    pil, fast = XTImageProcessor(region_size=REGION), XTImageProcessorFast(region_size=REGION)
+    for name, image in backend_inputs():
+        expected = pil(image, return_tensors="pt", **settings)["pixel_values"]
+        got = fast(image, return_tensors="pt", **settings)["pixel_values"]
+        assert got.shape == expected.shape and got.dtype == torch.float32, name
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6, msg=name)
+    batch = [image for _, image in backend_inputs()]
+    torch.testing.assert_close(
+        fast(batch, return_tensors="pt", **settings)["pixel_values"],
+        pil(batch, return_tensors="pt", **settings)["pixel_values"], rtol=0, atol=1e-6,
+    )
+    numpy_out = fast(batch, return_tensors="np", **settings)["pixel_values"]
+    assert isinstance(numpy_out, np.ndarray) and numpy_out.dtype == np.float32
+
+
+@needs_torchvision
+def test_auto_image_processor_uses_the_torchvision_backend_without_falling_back(tmp_path, monkeypatch):
+    from xt_hf.image_processing_xt_fast import XTImageProcessorFast
+
+    from transformers import AutoImageProcessor
+    from transformers.models.auto import image_processing_auto
+
+    messages = []
+    monkeypatch.setattr(image_processing_auto.logger, "warning_once", lambda message, *a, **k: messages.append(message))
+    XTImageProcessor(region_size=REGION, pad_value=-1.0).save_pretrained(tmp_path)
+    default = AutoImageProcessor.from_pretrained(tmp_path)
+    pil = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    assert type(default) is XTImageProcessorFast and type(pil) is XTImageProcessor
+    assert default.pad_value == pil.pad_value == -1.0
+    assert not [m for m in messages if "Falling back" in m], messages
+    # Saved by the torchvision backend, the file is the same, backend-neutral one.
+    default.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "preprocessor_config.json").read_text())
+    assert again == json.loads((tmp_path / "preprocessor_config.json").read_text())

@@ -13,6 +13,8 @@ from transformers import (
     AutoModelForSemanticSegmentation,
 )
 
+from transformers.utils import is_torchvision_available
+
 from .configuration_xt import XTConfig
 from .image_processing_xt import XTImageProcessor
 from .modeling_xt import (
@@ -27,7 +29,15 @@ AutoConfig.register(XTConfig.model_type, XTConfig, exist_ok=True)
 AutoModel.register(XTConfig, XTModel, exist_ok=True)
 AutoModelForImageClassification.register(XTConfig, XTForImageClassification, exist_ok=True)
 AutoModelForSemanticSegmentation.register(XTConfig, XTForSemanticSegmentation, exist_ok=True)
-AutoImageProcessor.register(XTConfig, image_processor_classes={"pil": XTImageProcessor}, exist_ok=True)
+# Both backends, so that AutoImageProcessor's default (torchvision when installed) needs no fallback. A processor saved
+# by either one lists both modules in its auto_map (one class per backend) for remote code.
+_image_processor_classes = {"pil": XTImageProcessor}
+if is_torchvision_available():
+    from .image_processing_xt_fast import XTImageProcessorFast
+
+    _image_processor_classes["torchvision"] = XTImageProcessorFast
+    XTImageProcessorFast.register_for_auto_class("AutoImageProcessor")
+AutoImageProcessor.register(XTConfig, image_processor_classes=_image_processor_classes, exist_ok=True)
 
 XTConfig.register_for_auto_class()
 XTModel.register_for_auto_class("AutoModel")

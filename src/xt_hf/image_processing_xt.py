@@ -1,13 +1,21 @@
-"""Image processor for xT: ImageNet-normalised pixels, padded at the bottom and right to whole regions.
+"""Image processor for xT: normalised pixels, padded at the bottom and right to whole regions.
 
-Stands alone (transformers, NumPy and Pillow only, no torchvision): it is shipped as Hub remote code
-next to the model files.
+`XTImageProcessor` is the PIL/NumPy backend; `image_processing_xt_fast.XTImageProcessorFast` is the torchvision
+backend (transformers' default when torchvision is installed), with the same outputs. `normalize_pixels` is the one
+definition of the pixel arithmetic both use, public so that streaming readers can apply it to windows of an image.
+
+Shipped as Hub remote code next to the model files: imports only NumPy, Pillow, transformers and the standard
+library (torch only inside functions, for tensor inputs).
 """
+
+import shutil
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
+from transformers.image_transforms import convert_to_rgb as convert_to_rgb_pil
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -18,14 +26,108 @@ from transformers.image_utils import (
     SizeDict,
     get_image_type,
     is_pil_image,
-    is_scaled_image,
     is_valid_image,
     make_flat_list_of_images,
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
-from transformers.utils import TensorType, logging
+from transformers.utils import TensorType, is_torch_tensor, logging
+
+try:
+    from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
+except ImportError:  # transformers without the class: the same fields in a plain BatchFeature
+    SemanticSegmentationPostProcessorOutput = BatchFeature
 
 logger = logging.get_logger(__name__)
+
+LEGACY_RESCALE_FACTOR = 1 / 255  # what every image was multiplied by before the data-type rule, and older files hold
+
+
+def dtype_rescale_factor(dtype) -> float:
+    """The factor that brings pixels of `dtype` to [0, 1] (signed integers: [-1, 1]).
+
+    Integers are divided by their type's largest value: `uint8` by 255, `uint16` by 65535, `int16` by 32767, and so
+    on. Floating-point pixels are taken as already in [0, 1] (factor 1.0), as are booleans. `dtype` is a NumPy
+    dtype (or anything `np.dtype` accepts) or a torch dtype.
+    """
+    if not isinstance(dtype, np.dtype) and type(dtype).__module__ == "torch":  # a torch.dtype
+        import torch
+
+        if dtype.is_floating_point or dtype == torch.bool:
+            return 1.0
+        if dtype.is_complex:
+            raise TypeError(f"Pixels of dtype {dtype} cannot be rescaled.")
+        return 1.0 / torch.iinfo(dtype).max
+    dtype = np.dtype(dtype)
+    if dtype.kind in "fb":
+        return 1.0
+    if dtype.kind in "ui":
+        return 1.0 / np.iinfo(dtype).max
+    raise TypeError(f"Pixels of dtype {dtype} cannot be rescaled: expected integers, floats or booleans.")
+
+
+def normalize_pixels(
+    pixels,
+    *,
+    image_mean: float | tuple[float, ...] | list[float],
+    image_std: float | tuple[float, ...] | list[float],
+    rescale_factor: float | None = None,
+    do_rescale: bool = True,
+    do_normalize: bool = True,
+    input_data_format: str | ChannelDimension = ChannelDimension.LAST,
+):
+    """Pixels of any dtype -> float32 `(channels, height, width)`, exactly as the xT image processors compute them.
+
+    1. Cast to float32 and, with `do_rescale`, multiply by `rescale_factor`, or when it is `None` by the factor of
+       the input's dtype (`dtype_rescale_factor`: uint8 1/255, uint16 1/65535, floats 1).
+    2. With `do_normalize`, `(x - image_mean) / image_std` per channel (`image_mean`/`image_std`: one value, or one
+       per channel).
+
+    All arithmetic is float32, one operation at a time, so that NumPy and torch give the same bits.
+
+    Args:
+        pixels (`np.ndarray` or `torch.Tensor`):
+            One image or window, `(height, width, channels)` (`input_data_format="channels_last"`, the default),
+            `(channels, height, width)` (`"channels_first"`), or `(height, width)`. A tensor stays on its device and
+            a tensor is returned.
+    """
+    channels_last = ChannelDimension(input_data_format) == ChannelDimension.LAST
+    tensor = is_torch_tensor(pixels)
+    if not tensor:
+        pixels = np.asarray(pixels)
+    if pixels.ndim == 2:
+        pixels = pixels[..., None] if channels_last else pixels[None]
+    if pixels.ndim != 3:
+        raise ValueError(f"normalize_pixels takes one 2-d or 3-d image, got shape {tuple(pixels.shape)}.")
+    factor = dtype_rescale_factor(pixels.dtype) if rescale_factor is None else float(rescale_factor)
+    if tensor:
+        import torch
+
+        pixels = pixels.permute(2, 0, 1) if channels_last else pixels
+        pixels = pixels.to(torch.float32)
+
+        def as_float32(values, shape):
+            return torch.tensor(values, dtype=torch.float32, device=pixels.device).reshape(shape)
+    else:
+        pixels = np.moveaxis(pixels, -1, 0) if channels_last else pixels
+        pixels = np.array(pixels, dtype=np.float32, order="C")
+
+        def as_float32(values, shape):
+            return np.asarray(values, dtype=np.float32).reshape(shape)
+
+    if do_rescale:
+        pixels = pixels * as_float32(factor, ())
+    if do_normalize:
+        channels = pixels.shape[0]
+        mean, std = (_per_channel(values, name, channels) for values, name in ((image_mean, "image_mean"), (image_std, "image_std")))
+        pixels = (pixels - as_float32(mean, (-1, 1, 1))) / as_float32(std, (-1, 1, 1))
+    return pixels.contiguous() if tensor else pixels
+
+
+def _per_channel(values, name: str, channels: int) -> list[float]:
+    values = [float(values)] * channels if isinstance(values, int | float) else [float(v) for v in values]
+    if len(values) != channels:
+        raise ValueError(f"{name} has {len(values)} values but the image has {channels} channels.")
+    return values
 
 
 class XTImageProcessorKwargs(ImagesKwargs, total=False):
@@ -43,18 +145,22 @@ class XTImageProcessorKwargs(ImagesKwargs, total=False):
     num_channels: int | None
 
 
-class XTImageProcessor(PilBackend):
+class XTImageProcessorMixin:
     r"""
     Turns images of any size into xT `pixel_values` of shape `(batch, num_channels, rows·region_size,
     cols·region_size)`, float32.
 
-    Pixels are rescaled to [0, 1] and normalised with the ImageNet mean and std, as in the original xT. xT
-    cuts the image into a grid of `region_size` squares, so each image is then padded at the **bottom and
-    right** up to the next multiple of `region_size` in each dimension: the image keeps its top-left corner
-    at region (0, 0) and no original pixel moves or changes. The padding is `pad_value` written *after*
-    normalisation, so the default 0.0 is the ImageNet mean colour, the neutral value the model itself pads
-    with. In a batch, every image is padded the same way to the largest padded height and the largest
-    padded width of the batch, so they stack. Non-square images stay non-square.
+    Pixels are rescaled to [0, 1] according to their data type and normalised with the ImageNet mean and std, as in
+    the original xT. xT cuts the image into a grid of `region_size` squares, so each image is then padded at the
+    **bottom and right** up to the next multiple of `region_size` in each dimension: the image keeps its top-left
+    corner at region (0, 0) and no original pixel moves or changes. The padding is `pad_value` written *after*
+    normalisation, so the default 0.0 is the ImageNet mean colour, the neutral value the model itself pads with. In
+    a batch, every image is padded the same way to the largest padded height and the largest padded width of the
+    batch, so they stack. Non-square images stay non-square.
+
+    Two backends compute the same values (to float32 rounding): `XTImageProcessor` (PIL/NumPy) and
+    `XTImageProcessorFast` (torchvision, the one `AutoImageProcessor` picks when torchvision is installed; tensors
+    stay on their device, `device=` moves them).
 
     Args:
         region_size (`int`, defaults to 256):
@@ -69,7 +175,15 @@ class XTImageProcessor(PilBackend):
         resample (`PILImageResampling`, defaults to `BILINEAR`):
             Resampling filter for resizing.
         do_rescale (`bool`, defaults to `True`):
-            Multiply pixel values by `rescale_factor` (1/255). Set it to `False` for float images already in [0, 1].
+            Bring pixel values to [0, 1] by multiplying them by the rescale factor (see `rescale_factor`).
+        rescale_factor (`float`, *optional*):
+            `None` (the default): the factor follows each image's data type: uint8 pixels are divided by 255, uint16
+            (16-bit PNG and TIFF) by 65535, other integer types by their largest value, and floating-point pixels
+            are taken as already in [0, 1] (factor 1; a warning is logged when a float image has values above 1).
+            A number given here (or in the call) is used for every image whatever its type, e.g. `1/4095` for
+            12-bit data stored as uint16, or `1/255` for float images holding 0-255 values. Files saved by earlier
+            versions hold `rescale_factor: 1/255`, which is used as given (with a warning for non-uint8 images);
+            delete the key to get the data-type rule.
         do_normalize (`bool`, defaults to `True`):
             Normalise each channel with `image_mean` and `image_std` (ImageNet's by default).
         do_pad (`bool`, defaults to `True`):
@@ -78,15 +192,17 @@ class XTImageProcessor(PilBackend):
         pad_value (`float`, defaults to 0.0):
             Value written into the padded pixels of the output as it is, after rescaling and normalisation: with
             the defaults, 0.0 is the ImageNet mean colour; with `do_normalize=False` it is black.
-        num_channels (`int`, defaults to 3):
-            Channels every input must have; set it, with `image_mean` and `image_std` of that many values,
-            for a model on multispectral images.
+        num_channels (`int`, *optional*):
+            Channels every input must have. When it is not given, it is the number of `image_mean` (or `image_std`)
+            values if they are a list, else 3: `image_mean` and `image_std` of 4 values make a 4-channel processor.
         do_convert_rgb (`bool`, *optional*):
             Convert grayscale and RGBA inputs to RGB first (alpha is composited onto white).
 
+    The arithmetic is `normalize_pixels` of this module: float32 `x * rescale_factor`, then `(x - mean) / std`.
+
     Inputs are PIL images, NumPy arrays or torch tensors, `(height, width)`, `(channels, height, width)` or
-    `(height, width, channels)`, integer (0-255) or float, one image or a list. The channel axis is the
-    end axis holding `num_channels` values (the first one if both do); pass `input_data_format` to override.
+    `(height, width, channels)`, of any integer or float type, one image or a non-empty list. The channel axis is
+    the end axis holding `num_channels` values (the first one if both do); pass `input_data_format` to override.
     """
 
     valid_kwargs = XTImageProcessorKwargs
@@ -97,7 +213,7 @@ class XTImageProcessor(PilBackend):
     size = None
     resample = PILImageResampling.BILINEAR
     do_rescale = True
-    rescale_factor = 1 / 255
+    rescale_factor = None
     do_normalize = True
     image_mean = IMAGENET_DEFAULT_MEAN
     image_std = IMAGENET_DEFAULT_STD
@@ -106,6 +222,11 @@ class XTImageProcessor(PilBackend):
     num_channels = 3
 
     def __init__(self, **kwargs: Unpack[XTImageProcessorKwargs]):
+        if kwargs.get("num_channels") is None:
+            for name in ("image_mean", "image_std"):
+                if isinstance(kwargs.get(name), list | tuple):
+                    kwargs["num_channels"] = len(kwargs[name])
+                    break
         super().__init__(**kwargs)
 
     def preprocess(self, images: ImageInput, **kwargs: Unpack[XTImageProcessorKwargs]) -> BatchFeature:
@@ -114,7 +235,7 @@ class XTImageProcessor(PilBackend):
 
         Args:
             images (`ImageInput`):
-                PIL image, NumPy array or torch tensor, or a list of them; sizes may differ.
+                PIL image, NumPy array or torch tensor, or a non-empty list of them; sizes may differ.
             kwargs:
                 Any attribute of the processor (see the class docstring), overriding it for this call, plus
                 `return_tensors` (`"pt"` or `"np"`) and `input_data_format`.
@@ -122,21 +243,192 @@ class XTImageProcessor(PilBackend):
         Returns:
             [`BatchFeature`] with only `pixel_values`, `(batch, num_channels, H, W)` float32, where `H` and `W` are
             the largest height and width in the batch after resizing, rounded up to multiples of `region_size`.
-            Without `return_tensors` it is a list of `(num_channels, H, W)` arrays.
+            Without `return_tensors` it is a list of `(num_channels, H, W)` arrays (tensors for the torchvision
+            backend).
         """
         return super().preprocess(images, **kwargs)
 
     def _prepare_images_structure(self, images: ImageInput, expected_ndims: int = 3) -> list:
-        """A flat list of single images. 2-d (grayscale) arrays count as images on their own and in lists, so that
-        they reach the channel check (and `do_convert_rgb`) instead of failing as an unknown nesting."""
+        """A flat, non-empty list of single images. 2-d (grayscale) arrays count as images on their own and in lists,
+        so that they reach the channel check (and `do_convert_rgb`) instead of failing as an unknown nesting."""
+        if isinstance(images, list | tuple) and not images:
+            raise ValueError("No images to process: got an empty list; pass one image or a list of at least one.")
         images = self.fetch_images(images)
         if is_valid_image(images) and not is_pil_image(images) and images.ndim == 2:
             return [images]
-        if isinstance(images, list | tuple) and images and all(
+        if isinstance(images, list | tuple) and all(
             is_valid_image(image) and (is_pil_image(image) or image.ndim in (2, 3)) for image in images
         ):
             return list(images)
-        return make_flat_list_of_images(images, expected_ndims=expected_ndims)
+        images = make_flat_list_of_images(images, expected_ndims=expected_ndims)
+        if not images:
+            raise ValueError("No images to process: the batch is empty (a batch axis of length 0, or empty lists).")
+        return images
+
+    def _validate_preprocess_kwargs(
+        self,
+        region_size: int | None = None,
+        num_channels: int | None = None,
+        do_resize: bool | None = None,
+        size: SizeDict | None = None,
+        do_rescale: bool | None = None,
+        rescale_factor: float | None = None,
+        do_normalize: bool | None = None,
+        image_mean: float | tuple[float, ...] | None = None,
+        image_std: float | tuple[float, ...] | None = None,
+        **kwargs,
+    ) -> None:
+        # `do_resize` without `size` means "to the nearest region multiple", and `rescale_factor=None` "by data type":
+        # the generic checks would reject both.
+        super()._validate_preprocess_kwargs(
+            do_resize=do_resize and size is not None,
+            size=size,
+            do_rescale=do_rescale and rescale_factor is not None,
+            rescale_factor=rescale_factor,
+            do_normalize=do_normalize,
+            image_mean=image_mean,
+            image_std=image_std,
+            **kwargs,
+        )
+        if not isinstance(region_size, int) or region_size < 1:
+            raise ValueError(f"region_size must be a positive integer, got {region_size!r}.")
+        if not isinstance(num_channels, int) or num_channels < 1:
+            raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}.")
+        if rescale_factor is not None and not (isinstance(rescale_factor, int | float) and rescale_factor > 0):
+            raise ValueError(f"rescale_factor must be None (by data type) or a positive number, got {rescale_factor!r}.")
+        if do_resize and size is not None:
+            if not (size.height and size.width):
+                raise ValueError(f"size must be {{'height': int, 'width': int}}, got {dict(size)}.")
+            if size.height < region_size or size.width < region_size:
+                raise ValueError(
+                    f"size {size.height}×{size.width} is smaller than one region ({region_size}×{region_size} px)."
+                )
+        if do_normalize:
+            for name, values in (("image_mean", image_mean), ("image_std", image_std)):
+                if not isinstance(values, int | float) and len(values) != num_channels:
+                    raise ValueError(
+                        f"{name} has {len(values)} values but num_channels is {num_channels}: give one value per "
+                        f"channel (a processor built with image_mean and image_std of n values has num_channels=n)."
+                    )
+
+    def _rescale_factor_for(self, image, rescale_factor: float | None, do_rescale: bool) -> float | None:
+        """The factor for one image (before resizing, which makes it float), warning about likely mistakes."""
+        if not do_rescale:
+            return None
+        by_type = dtype_rescale_factor(image.dtype)
+        if rescale_factor is None:
+            if _is_floating(image) and _num_elements(image):
+                largest = float(image.max())
+                if largest > 1.0:
+                    logger.warning_once(
+                        f"Float images are taken as already in [0, 1] (rescale factor 1), but one has values up to "
+                        f"{largest:g}: pass rescale_factor=1/255 if it holds 0-255 values."
+                    )
+            return by_type
+        if _is_floating(image):
+            if rescale_factor != 1.0 and _num_elements(image) and float(image.min()) >= 0 and float(image.max()) <= 1:
+                logger.warning_once(
+                    f"A float image has all its values in [0, 1] and will be multiplied by rescale_factor="
+                    f"{rescale_factor:g}; leave rescale_factor unset (None) for float images already in [0, 1]."
+                )
+        elif rescale_factor == LEGACY_RESCALE_FACTOR and by_type != LEGACY_RESCALE_FACTOR:
+            logger.warning_once(
+                f"rescale_factor=1/255 is applied to an image of type {image.dtype}, whose range is 1/{by_type:.0f}: "
+                f"files saved by earlier versions of this processor hold 1/255; remove rescale_factor (set it to None) "
+                f"to rescale each image by its data type."
+            )
+        return rescale_factor
+
+    def _padded_size(self, images: list, region_size: int) -> SizeDict:
+        """The whole-region size every image of the batch is padded to, so that the batch stacks."""
+        height = max(-(-image.shape[-2] // region_size) for image in images) * region_size
+        width = max(-(-image.shape[-1] // region_size) for image in images) * region_size
+        return SizeDict(height=height, width=width)
+
+    def post_process_semantic_segmentation(
+        self,
+        outputs,
+        target_sizes: list[tuple[int, int]] | None = None,
+        return_segmentation_scores: bool = False,
+    ) -> list:
+        """Per-image class maps `(height, width)` from `XTForSemanticSegmentation` outputs.
+
+        The model's logits cover the processed image: the original (or resized) pixels at the top left,
+        then the padding. With `target_sizes` (the original `(height, width)` of each image, as the
+        `image-segmentation` pipeline passes them), logits are brought to full resolution, the padding is
+        cropped away, and a resized image is resized back; without it, the uncropped map is returned.
+
+        Args:
+            outputs: the model's output (or a dict) with `logits` `(batch, num_labels, h, w)`.
+            target_sizes (`list[tuple[int, int]]`, *optional*): see above.
+            return_segmentation_scores (`bool`, defaults to `False`):
+                Also return the scores behind each map, as transformers' segmentation processors do: each item is
+                then a `SemanticSegmentationPostProcessorOutput` with `segmentation` (the class map,
+                `(height, width)`) and `segmentation_scores` (the logits the map is the argmax of, float32
+                `(num_labels, height, width)`, same crop and size; `.softmax(0)` gives probabilities).
+
+        Returns:
+            `list[torch.Tensor]` of class maps, or with `return_segmentation_scores` a list of
+            `SemanticSegmentationPostProcessorOutput`; one item per image.
+        """
+        import torch.nn.functional as F
+
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs["logits"]
+        if target_sizes is not None and len(target_sizes) != len(logits):
+            raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {len(logits)} logits.")
+        if target_sizes is None or len(logits) == 0:
+            scores = [image_logits.float() for image_logits in logits]
+        else:
+            sizes = [tuple(int(v) for v in size) for size in target_sizes]
+            resize_to = SizeDict(**self.size) if self.do_resize and self.size else None
+            processed = [
+                _resized_size(height, width, self.region_size, resize_to) if self.do_resize else (height, width)
+                for height, width in sizes
+            ]
+            # The batch was padded to its largest whole-region height; the logits' stride follows from that.
+            region = self.region_size
+            batch_height = max(-(-h // region) * region if self.do_pad else h for h, _ in processed)
+            stride = max(1, round(batch_height / logits.shape[-2]))
+            scores = []
+            for image_logits, (height, width), (processed_height, processed_width) in zip(logits, sizes, processed):
+                full = image_logits[None].float()
+                if stride > 1:
+                    full = F.interpolate(full, scale_factor=stride, mode="bilinear", align_corners=False)
+                full = full[..., :processed_height, :processed_width]
+                if (processed_height, processed_width) != (height, width):
+                    full = F.interpolate(full, size=(height, width), mode="bilinear", align_corners=False)
+                scores.append(full[0])
+        maps = [image_scores.argmax(dim=0) for image_scores in scores]
+        if not return_segmentation_scores:
+            return maps
+        return [
+            SemanticSegmentationPostProcessorOutput(data={"segmentation": seg, "segmentation_scores": score})
+            for seg, score in zip(maps, scores)
+        ]
+
+    def to_dict(self) -> dict:
+        """The saved settings. The type is the backend-neutral `XTImageProcessor`, so that a file saved by either
+        backend loads with whichever `AutoImageProcessor` picks; the remote-code `auto_map` lists both backends."""
+        output = super().to_dict()
+        output["image_processor_type"] = "XTImageProcessor"
+        auto_map = output.get("auto_map")
+        if isinstance(auto_map, dict) and isinstance(auto_map.get("AutoImageProcessor"), str):
+            output["auto_map"] = {**auto_map, "AutoImageProcessor": _backend_auto_map()}
+        return output
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """`ImageProcessingMixin.save_pretrained`, plus, for remote code, the module of each backend."""
+        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        if self._auto_class is not None:
+            for module in _backend_modules().values():
+                target = Path(save_directory) / module.name
+                if module.resolve() != target.resolve():
+                    shutil.copyfile(module, target)
+        return files
+
+
+class XTImageProcessor(XTImageProcessorMixin, PilBackend):
+    __doc__ = XTImageProcessorMixin.__doc__
 
     def process_image(
         self,
@@ -147,28 +439,7 @@ class XTImageProcessor(PilBackend):
         **kwargs,
     ) -> np.ndarray:
         """One PIL image, array or tensor -> a `(channels, height, width)` array of the input's dtype."""
-        image_type = get_image_type(image)
-        if image_type == ImageType.PIL:
-            image = self.convert_to_rgb(image) if do_convert_rgb else np.array(image)
-            input_data_format = ChannelDimension.LAST
-        elif image_type == ImageType.TORCH:
-            image = image.detach().cpu().numpy()
-
-        if image.ndim == 2:
-            image, input_data_format = image[None], ChannelDimension.FIRST
-        elif image.ndim != 3:
-            raise ValueError(
-                f"An image must be (height, width), (channels, height, width) or (height, width, channels); "
-                f"got shape {image.shape}."
-            )
-        if input_data_format is None:
-            input_data_format = _channel_dimension(image, num_channels or self.num_channels)
-        if ChannelDimension(input_data_format) == ChannelDimension.LAST:
-            image = np.moveaxis(image, -1, 0)
-
-        if do_convert_rgb and image_type != ImageType.PIL and image.shape[0] in (1, 4):
-            image = self.convert_to_rgb(image, input_data_format=ChannelDimension.FIRST)
-        return image
+        return channels_first_array(image, do_convert_rgb, input_data_format, num_channels or self.num_channels)
 
     def resize(
         self,
@@ -179,16 +450,11 @@ class XTImageProcessor(PilBackend):
     ) -> np.ndarray:
         """Resize `(channels, height, width)` to `(channels, size.height, size.width)`, float32.
 
-        Each channel goes through PIL as a 32-bit float image, so any channel count (multispectral) and float
-        input can be resized, and nothing is rounded to 8 bits on the way.
+        Each channel goes through PIL as a 32-bit float image, so any channel count (multispectral) and any
+        input type can be resized, and nothing is rounded to 8 bits on the way.
         """
         resample = PILImageResampling.BILINEAR if resample is None else resample
-        channels = [
-            np.asarray(Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32)).resize(
-                (size.width, size.height), resample=resample))
-            for channel in image
-        ]
-        return np.stack(channels)
+        return resize_channels_with_pil(image, size.height, size.width, resample)
 
     def _preprocess(
         self,
@@ -198,7 +464,7 @@ class XTImageProcessor(PilBackend):
         size: SizeDict | None,
         resample: PILImageResampling | int | None,
         do_rescale: bool,
-        rescale_factor: float,
+        rescale_factor: float | None,
         do_normalize: bool,
         image_mean: float | tuple[float, ...],
         image_std: float | tuple[float, ...],
@@ -212,107 +478,71 @@ class XTImageProcessor(PilBackend):
         processed = []
         for index, image in enumerate(images):
             _check_image(image, index, region_size, num_channels, check_size=not do_resize)
-            if do_rescale and np.issubdtype(image.dtype, np.floating) and is_scaled_image(image):
-                logger.warning_once(
-                    "A float image has all its values in [0, 1] and will be multiplied by rescale_factor again; "
-                    "pass do_rescale=False if it is already rescaled."
-                )
+            factor = self._rescale_factor_for(image, rescale_factor, do_rescale)
             if do_resize:
                 height, width = _resized_size(*image.shape[-2:], region_size, size)
                 image = self.resize(image, SizeDict(height=height, width=width), resample=resample)
-            if do_rescale:
-                image = self.rescale(image, rescale_factor)
-            if do_normalize:
-                image = self.normalize(image, image_mean, image_std)
-            processed.append(image.astype(np.float32, copy=False))
-
+            processed.append(normalize_pixels(
+                image, image_mean=image_mean, image_std=image_std, rescale_factor=factor, do_rescale=do_rescale,
+                do_normalize=do_normalize, input_data_format=ChannelDimension.FIRST,
+            ))
         if do_pad:
-            # Every image goes to the same whole-region size, so that the batch stacks.
-            padded_height = max(-(-image.shape[1] // region_size) for image in processed) * region_size
-            padded_width = max(-(-image.shape[2] // region_size) for image in processed) * region_size
-            processed = self.pad(
-                processed, pad_size=SizeDict(height=padded_height, width=padded_width), fill_value=pad_value
-            )
-        elif return_tensors is not None and len({image.shape for image in processed}) > 1:
-            raise ValueError(
-                f"Images of sizes {sorted({image.shape[1:] for image in processed})} cannot be stacked into one "
-                f"tensor with do_pad=False: set do_pad=True, or do_resize=True with a fixed size."
-            )
+            processed = self.pad(processed, pad_size=self._padded_size(processed, region_size), fill_value=pad_value)
+        else:
+            _check_stackable(processed, return_tensors)
         return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
 
-    def post_process_semantic_segmentation(self, outputs, target_sizes: list[tuple[int, int]] | None = None) -> list:
-        """Per-image class maps `(height, width)` from `XTForSemanticSegmentation` outputs.
 
-        The model's logits cover the processed image: the original (or resized) pixels at the top left,
-        then the padding. With `target_sizes` (the original `(height, width)` of each image, as the
-        `image-segmentation` pipeline passes them), logits are brought to full resolution, the padding is
-        cropped away, and a resized image is resized back; without it, the uncropped map is returned.
-        """
-        import torch.nn.functional as F
+def channels_first_array(image, do_convert_rgb: bool | None, input_data_format, num_channels: int) -> np.ndarray:
+    """One PIL image, array or tensor -> a NumPy `(channels, height, width)` array of the input's dtype: the layout
+    step both backends share (tensors are read on the CPU)."""
+    image_type = get_image_type(image)
+    if image_type == ImageType.PIL:
+        image = convert_to_rgb_pil(image, return_numpy=True) if do_convert_rgb else np.array(image)
+        input_data_format = ChannelDimension.LAST
+    elif image_type == ImageType.TORCH:
+        image = image.detach().cpu().numpy()
+    image, _ = _to_channels_first(image, input_data_format, num_channels)
+    if do_convert_rgb and image_type != ImageType.PIL and image.shape[0] in (1, 4):
+        image = convert_to_rgb_pil(image, input_data_format=ChannelDimension.FIRST, return_numpy=True)
+    return image
 
-        logits = outputs.logits if hasattr(outputs, "logits") else outputs["logits"]
-        if target_sizes is None:
-            return list(logits.argmax(dim=1))
-        if len(target_sizes) != len(logits):
-            raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {len(logits)} logits.")
-        sizes = [tuple(int(v) for v in size) for size in target_sizes]
-        resize_to = SizeDict(**self.size) if self.do_resize and self.size else None
-        processed = [
-            _resized_size(height, width, self.region_size, resize_to) if self.do_resize else (height, width)
-            for height, width in sizes
-        ]
-        # The batch was padded to its largest whole-region height; the logits' stride follows from that.
-        batch_height = max(-(-h // self.region_size) * self.region_size if self.do_pad else h for h, _ in processed)
-        stride = max(1, round(batch_height / logits.shape[-2]))
-        maps = []
-        for image_logits, (height, width), (processed_height, processed_width) in zip(logits, sizes, processed):
-            full = image_logits[None].float()
-            if stride > 1:
-                full = F.interpolate(full, scale_factor=stride, mode="bilinear", align_corners=False)
-            full = full[..., :processed_height, :processed_width]
-            if (processed_height, processed_width) != (height, width):
-                full = F.interpolate(full, size=(height, width), mode="bilinear", align_corners=False)
-            maps.append(full[0].argmax(dim=0))
-        return maps
 
-    def _validate_preprocess_kwargs(
-        self,
-        region_size: int | None = None,
-        num_channels: int | None = None,
-        do_resize: bool | None = None,
-        size: SizeDict | None = None,
-        do_normalize: bool | None = None,
-        image_mean: float | tuple[float, ...] | None = None,
-        image_std: float | tuple[float, ...] | None = None,
-        **kwargs,
-    ) -> None:
-        # `do_resize` without `size` means "to the nearest region multiple", which the generic check rejects.
-        super()._validate_preprocess_kwargs(
-            do_resize=do_resize and size is not None,
-            size=size,
-            do_normalize=do_normalize,
-            image_mean=image_mean,
-            image_std=image_std,
-            **kwargs,
+def _to_channels_first(image, input_data_format, num_channels: int):
+    """A 2-d or 3-d array or tensor -> `(channels, height, width)` (a view), and whether it was channels-last."""
+    if image.ndim == 2:
+        return image[None], False
+    if image.ndim != 3:
+        raise ValueError(
+            f"An image must be (height, width), (channels, height, width) or (height, width, channels); "
+            f"got shape {tuple(image.shape)}."
         )
-        if not isinstance(region_size, int) or region_size < 1:
-            raise ValueError(f"region_size must be a positive integer, got {region_size!r}.")
-        if not isinstance(num_channels, int) or num_channels < 1:
-            raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}.")
-        if do_resize and size is not None:
-            if not (size.height and size.width):
-                raise ValueError(f"size must be {{'height': int, 'width': int}}, got {dict(size)}.")
-            if size.height < region_size or size.width < region_size:
-                raise ValueError(
-                    f"size {size.height}×{size.width} is smaller than one region ({region_size}×{region_size} px)."
-                )
-        if do_normalize:
-            for name, values in (("image_mean", image_mean), ("image_std", image_std)):
-                if not isinstance(values, int | float) and len(values) != num_channels:
-                    raise ValueError(f"{name} has {len(values)} values but num_channels is {num_channels}.")
+    if input_data_format is None:
+        input_data_format = _channel_dimension(image, num_channels)
+    if ChannelDimension(input_data_format) == ChannelDimension.LAST:
+        return (image.permute(2, 0, 1) if is_torch_tensor(image) else np.moveaxis(image, -1, 0)), True
+    return image, False
 
 
-def _channel_dimension(image: np.ndarray, num_channels: int) -> ChannelDimension:
+def resize_channels_with_pil(image: np.ndarray, height: int, width: int, resample) -> np.ndarray:
+    """`(channels, h, w)` of any type -> float32 `(channels, height, width)`, each channel a PIL float image."""
+    channels = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32)).resize(
+            (width, height), resample=resample))
+        for channel in image
+    ]
+    return np.stack(channels)
+
+
+def _num_elements(image) -> int:
+    return image.numel() if is_torch_tensor(image) else image.size
+
+
+def _is_floating(image) -> bool:
+    return image.is_floating_point() if is_torch_tensor(image) else np.issubdtype(image.dtype, np.floating)
+
+
+def _channel_dimension(image, num_channels: int) -> ChannelDimension:
     """Which end axis of a 3-d array holds the channels: the one of length `num_channels`, first if both are.
 
     Failing that, the shorter end axis, so that an image with the wrong channel count is later reported
@@ -324,8 +554,8 @@ def _channel_dimension(image: np.ndarray, num_channels: int) -> ChannelDimension
     return ChannelDimension.LAST
 
 
-def _check_image(image: np.ndarray, index: int, region_size: int, num_channels: int, check_size: bool) -> None:
-    """Reject a `(channels, height, width)` image the model cannot take, naming its index in the batch."""
+def _check_image(image, index: int, region_size: int, num_channels: int, check_size: bool) -> None:
+    """Reject a `(channels, height, width)` array or tensor the model cannot take, naming its index in the batch."""
     channels, height, width = image.shape
     if channels != num_channels:
         hints = []
@@ -337,15 +567,24 @@ def _check_image(image: np.ndarray, index: int, region_size: int, num_channels: 
         )
         raise ValueError(
             f"Image {index} of the batch has {channels} channel{'s' if channels != 1 else ''} but {num_channels} are "
-            f"expected (array of shape (channels, height, width) = {image.shape}): {', or '.join(hints)}."
+            f"expected (array of shape (channels, height, width) = {tuple(image.shape)}): {', or '.join(hints)}."
         )
-    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+    if _is_floating(image) and not bool((image.isfinite() if is_torch_tensor(image) else np.isfinite(image)).all()):
         raise ValueError(f"Image {index} of the batch contains NaN or infinite pixel values.")
     if check_size and (height < region_size or width < region_size):
         raise ValueError(
             f"Image {index} of the batch is {height}×{width} px (height×width), smaller than one region "
             f"({region_size}×{region_size} px): resize it (do_resize=True rounds each side to the nearest multiple "
             f"of region_size, or also pass size={{'height': h, 'width': w}}) or use a model with a smaller region_size."
+        )
+
+
+def _check_stackable(images: list, return_tensors) -> None:
+    shapes = {tuple(image.shape) for image in images}
+    if return_tensors is not None and len(shapes) > 1:
+        raise ValueError(
+            f"Images of sizes {sorted(shape[1:] for shape in shapes)} cannot be stacked into one tensor with "
+            f"do_pad=False: set do_pad=True, or do_resize=True with a fixed size."
         )
 
 
@@ -356,4 +595,21 @@ def _resized_size(height: int, width: int, region_size: int, size: SizeDict | No
     return tuple(max(1, (2 * side + region_size) // (2 * region_size)) * region_size for side in (height, width))
 
 
-__all__ = ["XTImageProcessor"]
+def _backend_modules() -> dict[str, Path]:
+    """`{backend: module file}` of the backends whose module sits beside this one (in a remote-code cache, only the
+    modules that were downloaded)."""
+    here = Path(__file__)
+    modules = {"pil": here}
+    fast = here.with_name("image_processing_xt_fast.py")
+    if fast.is_file():
+        modules["torchvision"] = fast
+    return modules
+
+
+def _backend_auto_map() -> dict[str, str]:
+    """The remote-code `auto_map["AutoImageProcessor"]`: one class reference per backend, as transformers reads it."""
+    classes = {"pil": "XTImageProcessor", "torchvision": "XTImageProcessorFast"}
+    return {backend: f"{module.stem}.{classes[backend]}" for backend, module in _backend_modules().items()}
+
+
+__all__ = ["XTImageProcessor", "XTImageProcessorMixin", "dtype_rescale_factor", "normalize_pixels"]

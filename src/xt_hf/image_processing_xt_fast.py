@@ -1,0 +1,129 @@
+"""Torchvision backend of the xT image processor: `XTImageProcessorFast`, the class `AutoImageProcessor` picks when
+torchvision is installed. Same settings, same outputs as `XTImageProcessor` (PIL/NumPy): both lay images out with
+`channels_first_array` and compute pixels with `normalize_pixels`; torch tensors stay on their device.
+
+Shipped as Hub remote code next to `image_processing_xt.py`, which it imports relatively.
+"""
+
+import numpy as np
+import torch
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import ChannelDimension, ImageInput, ImageType, PILImageResampling, SizeDict, get_image_type
+from transformers.utils import TensorType, is_torchvision_available
+
+from .image_processing_xt import (
+    XTImageProcessorMixin,
+    _check_image,
+    _check_stackable,
+    _resized_size,
+    _to_channels_first,
+    channels_first_array,
+    normalize_pixels,
+    resize_channels_with_pil,
+)
+
+if is_torchvision_available():
+    from torchvision.transforms.v2 import functional as tvF
+
+# PIL filters that torchvision computes the same way (antialiased, PIL's kernels), to float32 rounding. The others
+# (NEAREST, BOX, HAMMING, LANCZOS) differ from PIL's, so those images are resized through PIL, channel by channel.
+_SAME_AS_PIL = {PILImageResampling.BILINEAR: "BILINEAR", PILImageResampling.BICUBIC: "BICUBIC"}
+
+
+class XTImageProcessorFast(XTImageProcessorMixin, TorchvisionBackend):
+    __doc__ = XTImageProcessorMixin.__doc__
+
+    def process_image(
+        self,
+        image: ImageInput,
+        do_convert_rgb: bool | None = None,
+        input_data_format: str | ChannelDimension | None = None,
+        num_channels: int | None = None,
+        device: "torch.device | str | None" = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """One PIL image, array or tensor -> a `(channels, height, width)` tensor of the input's dtype.
+
+        Tensors keep their device (unless `device` is given) and skip NumPy, except when `do_convert_rgb` has to
+        convert them, which goes through the PIL backend's conversion for identical results."""
+        num_channels = num_channels or self.num_channels
+        if get_image_type(image) == ImageType.TORCH:
+            tensor, _ = _to_channels_first(image.detach(), input_data_format, num_channels)
+            if not (do_convert_rgb and tensor.shape[0] in (1, 4)):
+                return tensor.contiguous() if device is None else tensor.to(device).contiguous()
+        array = channels_first_array(image, do_convert_rgb, input_data_format, num_channels)
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        return tensor if device is None else tensor.to(device)
+
+    def resize(
+        self,
+        image: torch.Tensor,
+        size: SizeDict,
+        resample: PILImageResampling | int | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Resize `(channels, height, width)` to `(channels, size.height, size.width)`, float32.
+
+        BILINEAR and BICUBIC run in torchvision (antialiased, as PIL does) in float64, which matches the PIL
+        backend's float resize to float32 rounding; other filters go through PIL."""
+        resample = PILImageResampling.BILINEAR if resample is None else PILImageResampling(resample)
+        if resample not in _SAME_AS_PIL or image.device.type == "mps":  # MPS has no float64
+            resized = resize_channels_with_pil(image.cpu().numpy(), size.height, size.width, resample)
+            return torch.from_numpy(resized).to(image.device)
+        interpolation = getattr(tvF.InterpolationMode, _SAME_AS_PIL[resample])
+        resized = tvF.resize(image.to(torch.float64), [size.height, size.width], interpolation=interpolation,
+                             antialias=True)
+        return resized.to(torch.float32)
+
+    def _preprocess(
+        self,
+        images: list[torch.Tensor],
+        region_size: int,
+        do_resize: bool,
+        size: SizeDict | None,
+        resample: PILImageResampling | int | None,
+        do_rescale: bool,
+        rescale_factor: float | None,
+        do_normalize: bool,
+        image_mean: float | tuple[float, ...],
+        image_std: float | tuple[float, ...],
+        do_pad: bool,
+        pad_value: float,
+        num_channels: int,
+        return_tensors: str | TensorType | None,
+        **kwargs,
+    ) -> BatchFeature:
+        """`(channels, height_i, width_i)` tensors -> `pixel_values` `(batch, channels, H, W)`, see `preprocess`."""
+        processed = []
+        for index, image in enumerate(images):
+            _check_image(image, index, region_size, num_channels, check_size=not do_resize)
+            factor = self._rescale_factor_for(image, rescale_factor, do_rescale)
+            if do_resize:
+                height, width = _resized_size(*image.shape[-2:], region_size, size)
+                image = self.resize(image, SizeDict(height=height, width=width), resample=resample)
+            processed.append(normalize_pixels(
+                image, image_mean=image_mean, image_std=image_std, rescale_factor=factor, do_rescale=do_rescale,
+                do_normalize=do_normalize, input_data_format=ChannelDimension.FIRST,
+            ))
+        if do_pad:
+            pad_size = self._padded_size(processed, region_size)
+            processed = [_pad_bottom_right(image, pad_size, pad_value) for image in processed]
+        else:
+            _check_stackable(processed, return_tensors)
+        if return_tensors is not None and str(return_tensors) in ("pt", str(TensorType.PYTORCH)):
+            return BatchFeature(data={"pixel_values": torch.stack(processed)}, tensor_type=return_tensors)
+        if return_tensors is not None:
+            processed = [image.cpu().numpy() for image in processed]
+        return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
+
+
+def _pad_bottom_right(image: torch.Tensor, size: SizeDict, value: float) -> torch.Tensor:
+    """`(channels, h, w)` -> `(channels, size.height, size.width)`, the new pixels `value`."""
+    bottom, right = size.height - image.shape[-2], size.width - image.shape[-1]
+    if not (bottom or right):
+        return image
+    return torch.nn.functional.pad(image, (0, right, 0, bottom), mode="constant", value=float(value))
+
+
+__all__ = ["XTImageProcessorFast"]
