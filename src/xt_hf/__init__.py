@@ -12,7 +12,6 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForSemanticSegmentation,
 )
-
 from transformers.utils import is_torchvision_available
 
 from .configuration_xt import XTConfig
