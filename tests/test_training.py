@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from xt_hf import XTForImageClassification, XTImageProcessor
-from xt_hf.training_utils import (
+from xt_hf.training import (
     BadSampleError,
     RegionPaddingCollator,
     compute_metrics,
@@ -167,13 +167,14 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(saved_dataset
     from accelerate.state import AcceleratorState
 
     import xt_hf.train as train_module
+    import xt_hf.training.loop as loop_module
 
     # 18 images in batches of 2 with 2-step accumulation: 5 steps per epoch, the last of a single batch.
     settings = dict(batch_size=2, gradient_accumulation_steps=2, max_steps=8, checkpointing_steps=3,
                     checkpoints_total_limit=None, grad_ratio=0.5, eval_steps=4)
     train_module.main(script_arguments(saved_dataset, model_config_file, tmp_path / "uninterrupted", **settings))
 
-    original_save = train_module.save_checkpoint
+    original_save = loop_module.save_checkpoint
 
     def save_then_die_at_step_6(accelerator, output_dir, step, total_limit):
         if step == 6:
@@ -182,10 +183,10 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(saved_dataset
         return original_save(accelerator, output_dir, step, total_limit)
 
     interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die_at_step_6)
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die_at_step_6)
     with pytest.raises(Preempted):
         train_module.main(script_arguments(saved_dataset, model_config_file, interrupted, **settings))
-    monkeypatch.setattr(train_module, "save_checkpoint", original_save)
+    monkeypatch.setattr(loop_module, "save_checkpoint", original_save)
     assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step_000003", "step_000006.tmp"]
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -282,9 +283,141 @@ def test_fine_tuning_guide_lists_every_training_setting():
 
     from conftest import REPO_ROOT
 
-    from xt_hf.train import TrainConfig
+    from xt_hf.training import TrainConfig
 
     guide = (REPO_ROOT / "docs" / "fine-tuning.md").read_text()
     documented = set(re.findall(r"^\| `(\w+)` \|", guide, flags=re.M))
     missing = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in documented]
     assert not missing, f"docs/fine-tuning.md's settings table lacks {missing}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Settings: HfArgumentParser, config files, flags, --set
+
+
+def test_settings_from_yaml_file_then_flags_then_set(tmp_path):
+    from transformers import HfArgumentParser
+
+    from xt_hf.training.arguments import parse_args, train_argument_parser
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(
+        "model: m.json\ndataset: imagefolder:/data\nlearning_rate: 3e-4\n"  # YAML reads 3e-4 as a string
+        "batch_size: 8\nmodel_overrides: {region_batch_size: 16, context_num_layers: 2}\n"
+        "eval_split: val\nreport_to: none\ngradient_checkpointing: false\n"
+    )
+    config = parse_args([
+        "--config", str(config_file),
+        "--batch-size", "4", "--learning_rate", "1e-3", "--gradient-checkpointing", "--eval-split", "null",
+        "--set", "model_overrides.grad_ratio=0.5", "--set", "max_steps=1e3", "--set", "batch_size=2",
+    ])
+    assert config.model == "m.json" and config.dataset == "imagefolder:/data"
+    assert config.learning_rate == 1e-3  # the flag wins over the file
+    assert config.batch_size == 2  # --set wins over the flag
+    assert config.max_steps == 1000 and isinstance(config.max_steps, int)
+    assert config.model_overrides == {"region_batch_size": 16, "context_num_layers": 2, "grad_ratio": 0.5}
+    assert config.gradient_checkpointing is True and config.eval_split is None
+    assert config.report_to == "none" and config.weight_decay == 0.05  # a word, not a null; an untouched default
+
+    # A JSON file gives the same; a dict flag replaces the file's whole dict.
+    json_file = tmp_path / "run.json"
+    json_file.write_text(json.dumps({"model": "m.json", "dataset": "d", "model_overrides": {"context_num_layers": 2}}))
+    config = parse_args(["--config", str(json_file), "--model-overrides", "{region_batch_size: 4}"])
+    assert config.model_overrides == {"region_batch_size": 4}
+
+    parser = train_argument_parser()
+    assert isinstance(parser, HfArgumentParser)
+    (action,) = [action for action in parser._actions if action.dest == "learning_rate"]
+    assert action.option_strings == ["--learning_rate", "--learning-rate"]
+    assert action.help == "Peak learning rate (all parameter groups). (default: 0.0001)"
+
+
+@pytest.mark.parametrize("source", ["file", "flag-free --set", "--set dotted", "from_dict"])
+def test_unknown_setting_fails_with_a_suggestion(tmp_path, source):
+    from xt_hf.training import TrainConfig, parse_args
+
+    base = ["--model", "m.json", "--dataset", "d"]
+    message = r"Unknown training setting 'lerning_rate'; did you mean 'learning_rate'\?"
+    with pytest.raises(ValueError, match=message):
+        if source == "file":
+            (tmp_path / "run.yaml").write_text("lerning_rate: 0.1\n")
+            parse_args([*base, "--config", str(tmp_path / "run.yaml")])
+        elif source == "flag-free --set":
+            parse_args([*base, "--set", "lerning_rate=0.1"])
+        elif source == "--set dotted":
+            parse_args([*base, "--set", "lerning_rate.x=0.1"])
+        else:
+            TrainConfig.from_dict({"model": "m.json", "dataset": "d", "lerning-rate": 0.1})
+    with pytest.raises(ValueError, match=r"`max_steps` must be int \| None, got 'many'"):
+        parse_args([*base, "--set", "max_steps=many"])
+
+
+def test_train_command_registers_on_the_xt_hf_parser():
+    import argparse
+
+    import xt_hf.train as train_module
+    from xt_hf.training import config_from_arguments
+
+    parser = argparse.ArgumentParser(prog="xt-hf")
+    train_module.add_parser(parser.add_subparsers(dest="command", required=True))
+    arguments = parser.parse_args(["train", "--model", "m.json", "--dataset", "d", "--set", "seed=3"])
+    assert arguments.run is train_module.run
+    config = config_from_arguments(arguments)
+    assert (config.model, config.dataset, config.seed, config.batch_size) == ("m.json", "d", 3, 8)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The packaged `accuracy` metric
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access in a test that must work offline")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_packaged_accuracy_metric_loads_offline_and_matches_a_hand_computation(no_network):
+    import evaluate
+
+    from xt_hf.training.metrics import ACCURACY, load
+
+    accuracy = evaluate.load(str(ACCURACY))
+    assert isinstance(accuracy, evaluate.EvaluationModule)
+    predictions, references = [0, 1, 1, 2, 0], [0, 1, 0, 2, 2]  # correct: samples 0, 1, 3
+    assert accuracy.compute(predictions=predictions, references=references) == {"accuracy": pytest.approx(3 / 5)}
+    assert accuracy.compute(predictions=predictions, references=references, normalize=False) == {"accuracy": 3.0}
+    weighted = accuracy.compute(predictions=predictions, references=references, sample_weight=[1, 1, 4, 1, 1])
+    assert weighted["accuracy"] == pytest.approx(3 / 8)
+    assert load("accuracy").compute(predictions=[1], references=[1]) == {"accuracy": 1.0}
+
+
+def test_classification_eval_metrics_equal_the_accuracy_metric(fresh_accelerate_state):
+    import evaluate
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from xt_hf.training import ClassificationTask, TrainConfig
+    from xt_hf.training.metrics import ACCURACY
+
+    torch.manual_seed(0)
+    model = XTForImageClassification(tiny_config(num_labels=2, context_num_layers=1)).eval()
+    processor = XTImageProcessor(region_size=REGION)
+    label2id = {name: i for i, name in enumerate(CLASSES)}
+    dataset = prepare_dataset(colour_dataset(6, seed=1), processor, label2id=label2id)
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=4, collate_fn=RegionPaddingCollator(REGION)))
+    task = ClassificationTask(TrainConfig(model="m.json", dataset="d"))
+    with torch.no_grad():
+        metrics = task.evaluate(model, loader, accelerator)
+        predictions, references = [], []
+        for batch in loader:
+            predictions += model(pixel_values=batch["pixel_values"]).logits.argmax(-1).tolist()
+            references += batch["labels"].tolist()
+    expected = evaluate.load(str(ACCURACY)).compute(predictions=predictions, references=references)
+    assert metrics["eval/top1"] == expected["accuracy"]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from xt_hf import XTForSemanticSegmentation, XTImageProcessor
 from xt_hf.synthetic_segmentation import LABELS, generate_dataset
-from xt_hf.training_utils import (
+from xt_hf.training import (
     BadSampleError,
     SegmentationPaddingCollator,
     compute_segmentation_metrics,
@@ -226,7 +226,7 @@ def test_trainer_fine_tunes_xt_segmentation_and_reports_mean_iou_over_mixed_heig
 def test_task_follows_the_model_or_the_mask_column(coastline_data):
     from datasets import load_from_disk
 
-    from xt_hf.train import TrainConfig, make_task
+    from xt_hf.training import TrainConfig, make_task
 
     train = load_from_disk(str(coastline_data))["train"]
     settings = dict(model="m.json", dataset="d")
@@ -242,7 +242,7 @@ def test_task_follows_the_model_or_the_mask_column(coastline_data):
 
 
 def test_segmentation_decoder_learns_at_the_head_rate():
-    from xt_hf.train import TrainConfig, parameter_groups
+    from xt_hf.training import TrainConfig, parameter_groups
 
     model = XTForSemanticSegmentation(segmentation_config())
     groups = parameter_groups(model, TrainConfig(model="m", dataset="d", learning_rate=1e-3, head_learning_rate=0.5))
@@ -298,12 +298,13 @@ def test_resumed_segmentation_run_ends_with_the_weights_of_an_uninterrupted_run(
     from accelerate.state import AcceleratorState
 
     import xt_hf.train as train_module
+    import xt_hf.training.loop as loop_module
 
     settings = dict(batch_size=2, gradient_accumulation_steps=2, max_steps=5, checkpointing_steps=2,
                     checkpoints_total_limit=None, grad_ratio=0.5, eval_steps=2)
     train_module.main(script_arguments(coastline_data, segmenter_config_file, tmp_path / "uninterrupted", **settings))
 
-    original_save = train_module.save_checkpoint
+    original_save = loop_module.save_checkpoint
 
     def save_then_die_at_step_4(accelerator, output_dir, step, total_limit):
         if step == 4:
@@ -311,10 +312,10 @@ def test_resumed_segmentation_run_ends_with_the_weights_of_an_uninterrupted_run(
         return original_save(accelerator, output_dir, step, total_limit)
 
     interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die_at_step_4)
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die_at_step_4)
     with pytest.raises(Preempted):
         train_module.main(script_arguments(coastline_data, segmenter_config_file, interrupted, **settings))
-    monkeypatch.setattr(train_module, "save_checkpoint", original_save)
+    monkeypatch.setattr(loop_module, "save_checkpoint", original_save)
     assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step_000002"]
     AcceleratorState._reset_state(reset_partial_state=True)
     resumed_metrics = train_module.main(
@@ -336,7 +337,7 @@ def test_coastline_experiment_configs_differ_only_in_the_context_encoder():
 
     from conftest import REPO_ROOT
 
-    from xt_hf.train import TrainConfig, read_config_file
+    from xt_hf.training import TrainConfig, read_config_file
 
     configs = {name: TrainConfig.from_dict(read_config_file(REPO_ROOT / f"configs/train/coastline_{name}.yaml"))
                for name in ("context", "nocontext")}
@@ -345,3 +346,76 @@ def test_coastline_experiment_configs_differ_only_in_the_context_encoder():
     assert nocontext["model_overrides"] == {"context_encoder": "none"} and context["model_overrides"] == {}
     assert context["report_to"] == "none"  # the word, not a null
     assert context["task"] == "segmentation" and context["eval_split"] == "validation"  # test is never trained on
+
+
+# --------------------------------------------------------------------------------------------------------
+# The packaged `mean_iou` metric
+
+
+def test_packaged_mean_iou_metric_loads_offline_and_matches_a_hand_computation(monkeypatch):
+    import socket
+
+    import evaluate
+
+    from xt_hf.training.metrics import MEAN_IOU
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access in a test that must work offline")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    metric = evaluate.load(str(MEAN_IOU))
+    ignore = 255
+    predictions = [np.array([[0, 0, 1], [1, 2, 2]]), np.array([[1, 1], [0, 2]])]
+    references = [np.array([[0, 1, 1], [1, 1, ignore]]), np.array([[1, 0], [0, ignore]])]
+    # The same pixels as test_mean_iou_matches_a_hand_computation: IoU 2/4, 3/6, 0, NaN; accuracy 2/3, 3/5, NaN, NaN.
+    results = metric.compute(predictions=predictions, references=references, num_labels=4, ignore_index=ignore)
+    assert set(results) == {"mean_iou", "mean_accuracy", "overall_accuracy", "per_category_iou",
+                            "per_category_accuracy"}
+    np.testing.assert_allclose(results["per_category_iou"], [0.5, 0.5, 0.0, np.nan])
+    np.testing.assert_allclose(results["per_category_accuracy"], [2 / 3, 3 / 5, np.nan, np.nan])
+    assert results["mean_iou"] == pytest.approx(1 / 3)
+    assert results["mean_accuracy"] == pytest.approx((2 / 3 + 3 / 5) / 2)
+    assert results["overall_accuracy"] == pytest.approx(5 / 8)
+
+    # reduce_labels: reference 0 becomes unlabelled, k becomes k - 1 (and 255 stays unlabelled).
+    reduced = metric.compute(predictions=[np.array([[0, 1, 1, 0]])], references=[np.array([[1, 2, 0, ignore]])],
+                             num_labels=2, ignore_index=ignore, reduce_labels=True)
+    np.testing.assert_allclose(reduced["per_category_iou"], [1.0, 1.0])
+    assert reduced["overall_accuracy"] == 1.0
+    # The local function the Trainer helpers use gives the same numbers.
+    local = mean_iou(predictions, references, num_labels=4, ignore_index=ignore)
+    np.testing.assert_allclose(local["per_category_iou"], results["per_category_iou"])
+
+
+def test_segmentation_eval_metrics_equal_the_mean_iou_metric(coastline_data, fresh_accelerate_state):
+    import evaluate
+    from accelerate import Accelerator
+    from datasets import load_from_disk
+    from torch.utils.data import DataLoader
+
+    from xt_hf.training import SegmentationTask, TrainConfig, logits_to_class_maps
+    from xt_hf.training.metrics import MEAN_IOU
+
+    torch.manual_seed(0)
+    model = XTForSemanticSegmentation(segmentation_config()).eval()
+    processor = XTImageProcessor(region_size=REGION)
+    task = SegmentationTask(TrainConfig(model="m.json", dataset="d"))
+    dataset = task.prepare(load_from_disk(str(coastline_data))["validation"], processor, model.config)
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=3, collate_fn=task.collator(processor, model.config)))
+    with torch.no_grad():
+        metrics = task.evaluate(model, loader, accelerator)
+        predictions, references = [], []
+        for batch in loader:
+            logits = model(pixel_values=batch["pixel_values"]).logits
+            predictions += list(logits_to_class_maps(logits, batch["labels"].shape[-2:]).numpy())
+            references += list(batch["labels"].numpy())
+    expected = evaluate.load(str(MEAN_IOU)).compute(predictions=predictions, references=references, num_labels=3,
+                                                    ignore_index=model.config.semantic_loss_ignore_index)
+    assert metrics["eval/mean_iou"] == pytest.approx(expected["mean_iou"], rel=1e-12, nan_ok=True)
+    assert metrics["eval/mean_accuracy"] == pytest.approx(expected["mean_accuracy"], rel=1e-12, nan_ok=True)
+    assert metrics["eval/pixel_accuracy"] == pytest.approx(expected["overall_accuracy"], rel=1e-12)
+    for index, name in ID2LABEL.items():
+        key = "eval/iou_" + name.replace(" ", "_").replace("-", "_")
+        assert metrics[key] == pytest.approx(expected["per_category_iou"][index], rel=1e-12, nan_ok=True)
