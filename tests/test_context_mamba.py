@@ -20,6 +20,7 @@ from xt_hf.context_mamba import (
     selective_scan,
     selective_scan_fn,
 )
+from xt_hf.engine.context import update_mamba_block
 
 HIDDEN, STATE, CONV, EXPAND = 32, 4, 4, 2
 INNER, DT_RANK = EXPAND * HIDDEN, math.ceil(HIDDEN / 16)
@@ -282,13 +283,13 @@ def test_cuda_kernels_match_the_plain_path():
 def test_in_place_chunks_equal_the_whole_sequence_forward(layer_idx, residual_from_normed, chunk):
     """Gigapixel inference updates the tokens a chunk at a time in scan order (backwards on even layers),
     carrying the convolution's inputs and the scan's state: the result is the whole-sequence forward's."""
-    block = XTMambaBlock(mamba_config(mamba_residual_from_normed=residual_from_normed,
-                                      context_token_chunk_size=chunk), layer_idx=layer_idx)
+    block = XTMambaBlock(mamba_config(mamba_residual_from_normed=residual_from_normed), layer_idx=layer_idx)
     randomise_norm(block)
     hidden_states = torch.randn(2, 23, HIDDEN)
     expected, _ = block(hidden_states)
     updated = hidden_states.clone()
-    assert block.forward_in_place(updated) is not None
+    with torch.inference_mode():
+        assert update_mamba_block(block, updated, chunk) is updated
     torch.testing.assert_close(updated, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -302,11 +303,11 @@ def test_the_scan_continues_from_a_given_state():
     torch.testing.assert_close(torch.cat((head, tail), dim=-1), whole, rtol=1e-6, atol=1e-6)
 
 
-def test_a_long_mamba_sequence_runs_in_place_without_autograd():
+def test_the_engine_runs_a_long_mamba_sequence_in_place_with_the_model_numbers():
     from xt_hf.context_encoder import XTContextEncoder
+    from xt_hf.engine import encode_grid
 
     encoder = XTContextEncoder(mamba_config(context_num_layers=2, context_token_chunk_size=7), in_channels=8).eval()
     grid = torch.randn(1, 8, 6, 5)
     expected = encoder(grid).tokens
-    with torch.inference_mode():
-        torch.testing.assert_close(encoder(grid).tokens, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(encode_grid(encoder, grid).tokens, expected, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from xt_hf.cli import main
-from xt_hf.demo import DEMO_MODEL, DEMO_SPLIT, load_demo_model
+from xt_hf.cli.demo import DEMO_MODEL, DEMO_SPLIT, load_demo_model
 from xt_hf.synthetic import generate_sample, sample_rng
 
 

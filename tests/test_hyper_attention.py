@@ -182,10 +182,10 @@ def test_bfloat16_is_as_accurate_as_float32(causal):
 
 @pytest.mark.parametrize("length", [512, 515])
 def test_fused_inference_path_matches_the_plain_autograd_path(length):
-    # Without gradients on CPU, exact pieces run in PyTorch's fused kernel; with them, in plain PyTorch.
+    # In chunks (the engine's path), exact pieces run in PyTorch's fused CPU kernel; otherwise in plain PyTorch.
     query, key, value = random_qkv(length=length)
     with torch.no_grad():
-        fused = hyper_attention(query, key, value, scale=SCALE, causal=True, **SMALL)
+        fused = hyper_attention(query, key, value, scale=SCALE, causal=True, in_chunks=True, **SMALL)
     plain = hyper_attention(query.requires_grad_(), key, value, scale=SCALE, causal=True, **SMALL)
     torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-6)
 
@@ -225,7 +225,7 @@ def test_causal_inference_level_by_level_matches_the_autograd_recursion(length):
     recursive = hyper_attention(*(t.clone().requires_grad_() for t in (query, key, value)), scale=SCALE,
                                 causal=True, **SMALL)
     with torch.no_grad():
-        by_levels = hyper_attention(query, key, value, scale=SCALE, causal=True, **SMALL)
+        by_levels = hyper_attention(query, key, value, scale=SCALE, causal=True, in_chunks=True, **SMALL)
     torch.testing.assert_close(by_levels, recursive.detach(), rtol=1e-5, atol=1e-6)
 
 
@@ -242,7 +242,7 @@ def test_inference_in_small_chunks_of_rows_matches_the_autograd_path(causal, len
                                     causal=causal, **SMALL)
     monkeypatch.setattr(module, "_ROWS_PER_CHUNK", 40)
     with torch.no_grad():
-        chunked = hyper_attention(query, key, value, scale=SCALE, causal=causal, heads_at_once=1, **SMALL)
+        chunked = hyper_attention(query, key, value, scale=SCALE, causal=causal, in_chunks=True, **SMALL)
     torch.testing.assert_close(chunked, with_autograd.detach(), rtol=1e-5, atol=1e-6)
 
 
@@ -272,13 +272,10 @@ def test_heads_at_a_time_leave_a_given_generator_as_the_all_heads_call_does():
     assert torch.equal(together.get_state(), apart.get_state())
 
 
-def test_inference_runs_hyper_attention_one_head_at_a_time_with_the_training_numbers():
-    model = XTForImageClassification(hyper_model_config()).eval()
-    pixel_values = torch.randn(1, 3, REGION, 2 * REGION)
-    with_autograd = model(pixel_values).logits
-    with torch.inference_mode():
-        head_by_head = model(pixel_values).logits
-    torch.testing.assert_close(head_by_head, with_autograd, rtol=1e-5, atol=1e-6)
+def test_inference_in_chunks_needs_inference_mode():
+    query, key, value = (t.requires_grad_() for t in random_qkv(length=300))
+    with pytest.raises(ValueError, match="inference"):
+        hyper_attention(query, key, value, scale=SCALE, causal=True, in_chunks=True, **SMALL)
 
 
 class LargestTensor(TorchDispatchMode):

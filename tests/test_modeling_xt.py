@@ -216,16 +216,17 @@ def test_sdpa_and_eager_attention_agree_and_eager_returns_weights():
     assert torch.all(weights.triu(1) == 0), "causal attention must not look ahead"
 
 
-def test_token_chunked_inference_matches_the_autograd_forward():
-    """Without gradients the blocks run their per-token half in place, chunk by chunk: same numbers."""
+def test_the_forward_is_one_path_whatever_the_grad_mode():
+    """Training and inference run the same code: a long sequence (HyperAttention, more tokens than
+    `context_token_chunk_size`) gives bit-identical outputs with autograd and under inference_mode."""
     pixel_values = torch.randn(2, 3, 2 * REGION, 3 * REGION)
-    model = build(context_token_chunk_size=7)  # does not divide the 6·16 + 1 tokens
+    model = build(**LONG_SEQUENCE)
     reference = model(pixel_values, output_hidden_states=True)
     with torch.inference_mode():
-        chunked = model(pixel_values, output_hidden_states=True)
-    torch.testing.assert_close(chunked.logits, reference.logits, rtol=1e-5, atol=1e-6)
-    for got, expected in zip(chunked.hidden_states, reference.hidden_states, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        inferred = model(pixel_values, output_hidden_states=True)
+    assert torch.equal(inferred.logits, reference.logits)
+    for got, expected in zip(inferred.hidden_states, reference.hidden_states, strict=True):
+        assert torch.equal(got, expected)
 
 
 LONG_SEQUENCE = dict(context_token_chunk_size=7, context_long_sequence_attention="hyper", hyper_min_seq_len=16,
@@ -234,20 +235,21 @@ LONG_SEQUENCE = dict(context_token_chunk_size=7, context_long_sequence_attention
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("classifier,cls_position", [("context", "last"), ("context", "first"), ("pool", "last")])
-def test_in_place_long_sequence_inference_matches_the_autograd_forward(causal, classifier, cls_position, monkeypatch):
-    """Without autograd, sequences longer than `context_token_chunk_size` are embedded a chunk at a time and
-    run head by head in place (HyperAttention replaying the all-heads draws): the same logits."""
-    from xt_hf.context_attention import XTAttentionBlock
+def test_the_engine_in_place_matches_the_model_forward(causal, classifier, cls_position, monkeypatch):
+    """The inference engine embeds a long sequence a chunk at a time and runs each block head by head in place
+    (HyperAttention replaying the all-heads draws): the model's numbers, up to float rounding."""
+    from xt_hf.engine import context as engine_context
 
     model = build(context_attention_causal=causal, classifier=classifier, cls_token_position=cls_position,
                   context_qkv_bias=causal, **LONG_SEQUENCE)
     pixel_values = torch.randn(2, 3, 2 * REGION, 3 * REGION)  # 96 grid tokens: HyperAttention, 14 chunks
-    reference = model.xt(pixel_values)  # autograd: the fused all-heads path
+    reference = model.xt(pixel_values, output_region_features=True)
+    grid = reference.region_feature_maps[-1].detach()
     calls = []
-    original = XTAttentionBlock.forward_in_place
-    monkeypatch.setattr(XTAttentionBlock, "forward_in_place", lambda self, x: calls.append(1) or original(self, x))
-    with torch.inference_mode():
-        in_place = model.xt(pixel_values)
+    original = engine_context.update_attention_block
+    monkeypatch.setattr(engine_context, "update_attention_block",
+                        lambda *arguments: calls.append(1) or original(*arguments))
+    in_place = model.xt.output_from_encoding(engine_context.encode_grid(model.xt.context_encoder, grid))
     assert len(calls) == 2, "both blocks must take the in-place path"
     torch.testing.assert_close(in_place.last_hidden_state, reference.last_hidden_state, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(in_place.pooler_output, reference.pooler_output, rtol=1e-5, atol=1e-5)

@@ -12,8 +12,13 @@ import torch
 from conftest import REGION, tiny_config
 
 from xt_hf import XTForImageClassification, XTImageProcessor
-from xt_hf.region_sources import RegionReader, open_region_source
-from xt_hf.streaming import encode_context_streaming, encode_regions_streaming, predict_streaming
+from xt_hf.engine import (
+    RegionReader,
+    encode_context_streaming,
+    encode_regions_streaming,
+    open_region_source,
+    predict_streaming,
+)
 
 HEIGHT, WIDTH = 3 * REGION + 5, 2 * REGION + 17  # non-square, not a multiple of the region
 
@@ -84,12 +89,12 @@ def test_streaming_embeds_regions_into_the_context_tokens_exactly(image):
         assert grid_shape == (4 * REGION // 8, 3 * REGION // 8)
         torch.testing.assert_close(streamed.last_hidden_state, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(predict_streaming(model, image, region_batch_size=5),
-                                   model.classifier(expected.pooler_output), rtol=1e-5, atol=1e-5)
+                                   model.logits_from_context(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_streaming_with_spilled_tokens_gives_the_same_numbers(image, tmp_path):
     """`spill_directory` keeps the token sequence in a file; the tokens and logits must not change."""
-    from xt_hf.spill import spill_directory
+    from xt_hf.engine.spill import spill_directory
 
     torch.manual_seed(0)
     model = XTForImageClassification(tiny_config(
@@ -100,7 +105,7 @@ def test_streaming_with_spilled_tokens_gives_the_same_numbers(image, tmp_path):
     assert spill_directory(spilled.last_hidden_state) == tmp_path
     torch.testing.assert_close(spilled.last_hidden_state, expected.last_hidden_state, rtol=0, atol=0)
     with torch.inference_mode():
-        expected_logits = model.classifier(expected.pooler_output)
+        expected_logits = model.logits_from_context(expected)
     torch.testing.assert_close(predict_streaming(model, image, region_batch_size=5, spill_directory=tmp_path),
                                expected_logits, rtol=0, atol=0)
 
@@ -155,7 +160,7 @@ def test_predict_command(image, model, tmp_path):
     model.save_pretrained(tmp_path / "model")
     XTImageProcessor(region_size=REGION).save_pretrained(tmp_path / "model")
     np.save(tmp_path / "image.npy", image)
-    command = [sys.executable, "-m", "xt_hf.cli", "predict", str(tmp_path / "image.npy"), "--model",
+    command = [sys.executable, "-m", "xt_hf", "predict", str(tmp_path / "image.npy"), "--model",
                str(tmp_path / "model"), "--top-k", "3", "--region-batch-size", "4"]
     result = subprocess.run(command + ["--json", "--spill-dir", str(tmp_path)], capture_output=True, text=True,
                             timeout=300)
@@ -185,7 +190,7 @@ def test_whole_scene_segmentation_streams_to_disk_and_equals_in_memory(image, tm
     """Spilled: the context tokens live in a file and are updated in place chunk by chunk (chunks of 5)."""
     tifffile = pytest.importorskip("tifffile")
     from xt_hf import XTForSemanticSegmentation
-    from xt_hf.streaming import segment_streaming
+    from xt_hf.engine import segment_streaming
 
     torch.manual_seed(0)
     chunking = {"context_token_chunk_size": 5} if spilled else {}
@@ -216,7 +221,7 @@ def test_segment_command(image, tmp_path):
     model.save_pretrained(tmp_path / "model")
     XTImageProcessor(region_size=REGION).save_pretrained(tmp_path / "model")
     np.save(tmp_path / "scene.npy", image)
-    command = [sys.executable, "-m", "xt_hf.cli", "segment", str(tmp_path / "scene.npy"), "--model",
+    command = [sys.executable, "-m", "xt_hf", "segment", str(tmp_path / "scene.npy"), "--model",
                str(tmp_path / "model"), "--output", str(tmp_path / "mask.zarr")]
     first = subprocess.run(command + ["--spill-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]

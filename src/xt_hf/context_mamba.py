@@ -16,7 +16,6 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_xt import XTConfig
-from .spill import release_pages
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -212,37 +211,26 @@ class XTMambaBlock(GradientCheckpointingLayer):
         self.residual_from_normed = config.mamba_residual_from_normed
         self.norm = nn.LayerNorm(config.context_hidden_size, eps=config.context_layer_norm_eps)
         self.mixer = XTMambaMixer(config)
-        self.token_chunk_size = config.context_token_chunk_size
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def forward(
+        self, hidden_states: torch.Tensor, carry: MambaCarry | None = None
+    ) -> tuple[torch.Tensor, None]:
         """`(batch, L, hidden)` → `(batch, L, hidden)` and `None`, the (states, attention weights) pair that
-        every context-encoder block returns; a scan has no attention weights."""
+        every context-encoder block returns; a scan has no attention weights.
+
+        With `carry` (`new_carry`), `hidden_states` is one piece of a longer sequence, and the pieces go through
+        in scan order (last piece first on a reversed layer): the scan is causal in its direction, so this
+        equals the whole-sequence forward piece by piece.
+        """
         # A reversed layer scans from the last token (the trailing CLS token) to the first.
         if self.reverse:
             hidden_states = hidden_states.flip(1)
         normed = self.norm(hidden_states)
-        hidden_states = (normed if self.residual_from_normed else hidden_states) + self.mixer(normed)
+        hidden_states = (normed if self.residual_from_normed else hidden_states) + self.mixer(normed, carry)
         if self.reverse:
             hidden_states = hidden_states.flip(1)
         return hidden_states, None
 
-    @torch.no_grad()
-    def forward_in_place(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The same block without autograd, updating `hidden_states` `(batch, L, hidden)` in place, a chunk of
-        `context_token_chunk_size` tokens at a time in scan order.
-
-        The scan is causal in its direction, so once a chunk is done no later one needs its old states: the
-        mixer carries its convolution inputs and scan state over (`MambaCarry`), and memory holds the tokens
-        plus one chunk's widened activations, where the whole-sequence forward holds several `inner`-wide
-        copies of every token (in_proj's output alone is 4 × the tokens at the released width).
-        """
-        carry = self.mixer.new_carry(hidden_states.shape[0], device=hidden_states.device, dtype=hidden_states.dtype)
-        starts = range(0, hidden_states.shape[1], self.token_chunk_size)
-        for start in reversed(starts) if self.reverse else starts:
-            part = hidden_states[:, start : start + self.token_chunk_size]
-            piece = part.flip(1) if self.reverse else part
-            normed = self.norm(piece)
-            updated = (normed if self.residual_from_normed else piece) + self.mixer(normed, carry)
-            part.copy_(updated.flip(1) if self.reverse else updated)
-            release_pages(part)
-        return hidden_states
+    def new_carry(self, batch: int, *, device: torch.device, dtype: torch.dtype) -> MambaCarry:
+        """The carry of a sequence's start, for `forward(piece, carry)`."""
+        return self.mixer.new_carry(batch, device=device, dtype=dtype)

@@ -44,8 +44,8 @@ Differences from the original implementation (`xt/models/context_encoders/hyper_
   halves are views of one tensor. Only the padding rows themselves see the padding rows.
 * Every piece (exact leaves, sorted blocks, sampled residual) and its log-sum-exp comes from a plain
   PyTorch softmax in float32, with gradients through the log-sum-exp (the original's Triton path
-  detaches it). Without gradients on CPU, PyTorch's own fused flash-attention kernel computes the same
-  pieces instead, 2-5× faster.
+  detaches it). Inference in chunks (`in_chunks=True`, the engine's path) computes the same pieces with
+  PyTorch's own fused CPU flash-attention kernel instead, 2-5× faster.
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def hyper_attention(
     heads_at_once: int | None = None,
     head_range: tuple[int, int] | None = None,
     out: torch.Tensor | None = None,
+    in_chunks: bool = False,
 ) -> torch.Tensor:
     """Softmax attention on `(batch, heads, L, head_dim)`, approximated by HyperAttention when `L > min_seq_len`.
 
@@ -121,10 +122,13 @@ def hyper_attention(
     random draws, so a caller can project and attend one head at a time.
 
     `out`, a `(batch, heads, L, head_dim_v)` tensor (for instance a slice of a larger buffer), receives the
-    result, which is then returned. Without autograd the approximation is merged straight into it when it is
-    float32, so no second output-sized buffer exists: for 10⁵-10⁶ tokens that is what limits. Causal
-    attention also takes an `out` of fewer rows, `L_out < L`: it receives the first `L_out` rows, which do
-    not depend on the rest (padding a caller appended, say).
+    result, which is then returned. Causal attention also takes an `out` of fewer rows, `L_out < L`: it
+    receives the first `L_out` rows, which do not depend on the rest (padding a caller appended, say).
+
+    `in_chunks=True` computes the same pieces with the same draws without autograd: one head at a time
+    (unless `heads_at_once` says otherwise), every piece a chunk of query rows at a time (causal attention level by level instead of recursively), merged straight into one
+    float32 output (`out` itself when it is float32), so no second output-sized buffer exists. For 10⁵-10⁶
+    tokens that is what limits; the inference engine asks for it, the model's forward never does.
     """
     if query.dim() != 4 or key.shape != query.shape or value.dim() != 4 or value.shape[:3] != key.shape[:3]:
         raise ValueError(
@@ -150,6 +154,8 @@ def hyper_attention(
     if heads_at_once is not None and heads_at_once < 1:
         raise ValueError(f"`heads_at_once` must be None or ≥ 1, got {heads_at_once}.")
     heads = query.shape[1]
+    if in_chunks and heads_at_once is None:
+        heads_at_once = 1  # the temporaries of one head at a time, as nothing is kept for a backward pass
     first_head, total_heads = head_range or (0, heads)
     if first_head < 0 or first_head + heads > total_heads:
         raise ValueError(f"`head_range` {head_range} does not hold the inputs' {heads} heads.")
@@ -164,6 +170,8 @@ def hyper_attention(
     initial_state = generator.get_state()
     step = min(heads_at_once or heads, heads)
     needs_gradient = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if in_chunks and needs_gradient:
+        raise ValueError("`in_chunks=True` is for inference: run it under torch.inference_mode() or on detached inputs.")
     if out is not None and needs_gradient:
         raise ValueError("`out` is for inference: autograd cannot differentiate through it.")
     output = out
@@ -179,14 +187,15 @@ def hyper_attention(
             sample_size=sample_size,
             min_seq_len=min_seq_len,
             heads=(first_head + start, first_head + min(start + step, heads), total_heads),
+            fused=in_chunks,
         )
         group = slice(start, start + step)
         inputs = (query[:, group], key[:, group], value[:, group])
         target = None if output is None else output[:, group]
-        # Without autograd, pieces are merged straight into `output` when its rows can take float32 merges.
-        into_output = not needs_gradient and target is not None and target.dtype == torch.float32 and (
+        # In chunks, pieces are merged straight into `output` when its rows can take float32 merges.
+        into_output = in_chunks and target is not None and target.dtype == torch.float32 and (
             _rows_view(target) is not None)
-        if needs_gradient:
+        if not in_chunks:
             attend = _causal_attention_with_lse if causal else _hyper_attention_with_lse
             part = attend(*inputs, approximation)[0][:, :, :length]
         else:
@@ -231,6 +240,8 @@ class _Approximation:
     heads: tuple[int, int, int]
     # The sampled residual's keys, when drawn ahead of time (`_causal_attention_by_levels`).
     drawn: torch.Tensor | None = None
+    # Exact pieces through PyTorch's fused CPU kernel (no gradient): inference in chunks only.
+    fused: bool = False
 
 
 def _causal_attention_with_lse(query, key, value, approx: _Approximation) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +251,8 @@ def _causal_attention_with_lse(query, key, value, approx: _Approximation) -> tup
     """
     length = query.shape[2]
     if length <= approx.min_seq_len:
-        return _attention_with_lse(query, key, value, scale=approx.scale, causal=True, query_chunk=approx.block_size)
+        return _attention_with_lse(query, key, value, scale=approx.scale, causal=True, query_chunk=approx.block_size,
+                                   fused=approx.fused)
     half = length // 2
 
     # b h (two n) d -> b (h two) n d: the two diagonal halves become independent heads.
@@ -258,7 +270,8 @@ def _causal_attention_with_lse(query, key, value, approx: _Approximation) -> tup
     if half >= approx.min_seq_len:
         past_output, past_lse = _hyper_attention_with_lse(*past, approx)
     else:
-        past_output, past_lse = _attention_with_lse(*past, scale=approx.scale, query_chunk=approx.block_size)
+        past_output, past_lse = _attention_with_lse(*past, scale=approx.scale, query_chunk=approx.block_size,
+                                                    fused=approx.fused)
     lower_output, lower_lse = _merge(diagonal_output[:, :, half:], diagonal_lse[:, :, half:], past_output, past_lse)
     output = torch.cat((diagonal_output[:, :, :half], lower_output), dim=2)
     lse = torch.cat((diagonal_lse[:, :, :half], lower_lse), dim=2)
@@ -363,6 +376,7 @@ def _exact_attention_chunks(query, key, value, approx: _Approximation, *, causal
     for first in range(0, count, step):
         group = slice(first, first + step)
         output, lse = _attention_with_lse(query[:, group], key[:, group], value[:, group], scale=approx.scale,
+                                          fused=approx.fused,
                                           causal=causal, query_chunk=approx.block_size)
         yield output, lse, local.expand(1, output.shape[1], -1), first
 
@@ -415,7 +429,8 @@ def _hyper_attention_chunks(query, key, value, approx: _Approximation, rows_per_
             residual_output, residual_lse = _sampled_residual_attention(sorted_query, *residual, num_keys,
                                                                         first_block * query_block, query_block, approx)
             del sorted_query
-            output, lse = _merge(output, lse, residual_output, residual_lse, in_place=not torch.is_grad_enabled())
+            # Chunks (`rows_per_chunk`) are inference only: nothing else reads the two pieces afterwards.
+            output, lse = _merge(output, lse, residual_output, residual_lse, in_place=rows_per_chunk is not None)
         yield output, lse, queries, 0
 
 
@@ -433,7 +448,8 @@ def _block_diagonal_attention(query, key, value, num_blocks, query_block, approx
         padding = torch.arange(num_blocks * block, device=query.device).view(1, num_blocks, 1, block) >= num_keys
         hidden = padding.expand(heads, -1, -1, -1).reshape(1, heads * num_blocks, 1, block)
     output, lse = _attention_with_lse(
-        blocks(query, query_block), blocks(key, block), blocks(value, block), scale=approx.scale, hidden=hidden
+        blocks(query, query_block), blocks(key, block), blocks(value, block), scale=approx.scale, hidden=hidden,
+        fused=approx.fused,
     )
     output = output.reshape(batch, heads, num_blocks * query_block, -1)[:, :, :num_queries]
     return output, lse.reshape(batch, heads, num_blocks * query_block)[:, :, :num_queries]
@@ -449,7 +465,8 @@ def _sampled_residual_attention(query, sampled_key, sampled_value, sampled_block
     """
     query_blocks = (first_query + torch.arange(query.shape[2], device=query.device)) // query_block
     same_block = query_blocks.view(1, 1, -1, 1) == sampled_block.unsqueeze(2)
-    output, lse = _attention_with_lse(query, sampled_key, sampled_value, scale=approx.scale, hidden=same_block)
+    output, lse = _attention_with_lse(query, sampled_key, sampled_value, scale=approx.scale, hidden=same_block,
+                                      fused=approx.fused)
     return output, lse + math.log(num_keys / approx.sample_size)
 
 
@@ -475,17 +492,17 @@ _FUSED_CPU_ATTENTION_WITH_LSE = _fused_cpu_attention_with_lse()
 _FUSED_BIAS_ELEMENTS = 2**22  # at most 16 MiB of float32 bias per slice of queries
 
 
-def _attention_with_lse(query, key, value, *, scale: float, causal: bool = False, hidden=None, query_chunk=None):
+def _attention_with_lse(query, key, value, *, scale: float, causal: bool = False, hidden=None, query_chunk=None,
+                        fused: bool = False):
     """Exact softmax attention `(b, h, n_q, d)` × `(b, h, n_k, d)` → float32 output and log-sum-exp `(b, h, n_q)`.
 
     `hidden` (bool, broadcastable to `(b, h, n_q, n_k)`) removes keys from a query's softmax; a query
     with every key hidden gets a log-sum-exp near `finfo.min`, so that merging ignores it. With `causal`,
     query i sees keys 0..i. The plain path takes `query_chunk` queries at a time to bound the score matrix.
-    On CPU without gradients, PyTorch's fused flash-attention kernel computes the same thing 2-5× faster;
-    it is not used under autograd because its log-sum-exp has no gradient, and merging pieces needs one.
+    With `fused` (inference in chunks only) PyTorch's fused CPU flash-attention kernel computes the same
+    thing 2-5× faster; its log-sum-exp has no gradient, and merging pieces under autograd needs one.
     """
-    needs_gradient = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    if _FUSED_CPU_ATTENTION_WITH_LSE is not None and query.device.type == "cpu" and not needs_gradient:
+    if fused and _FUSED_CPU_ATTENTION_WITH_LSE is not None and query.device.type == "cpu":
         # The kernel takes an additive bias, as large as the mask; a mask with a row per query (the sampled
         # residual's: queries × sample_size) is turned into one a slice of queries at a time.
         per_query = hidden is not None and hidden.shape[-2] > 1

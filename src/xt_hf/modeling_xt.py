@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput
 from .configuration_xt import XTConfig
 from .context_encoder import ContextEncoding, XTContextEncoder
 from .context_mamba import XTMambaMixer
-from .nested_tokenization import as_region_grid, pad_to_region_multiple, region_grid_shape, region_index
+from .nested_tokenization import pad_to_region_multiple, region_batches, region_grid_shape
 from .region_encoder import XTRegionEncoder
 from .segmentation_decoder import XTSegmentationDecoder
 
@@ -158,16 +158,14 @@ class XTModel(XTPreTrainedModel):
             encoding = self.context_encoder(
                 grid, output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions)
             )
-        return self._model_output(encoding, tuple(region_feature_maps) if output_region_features else None)
-
-    def encode_embedded_context(self, tokens: torch.Tensor) -> XTModelOutput:
-        """`encode_context` from tokens the context encoder has embedded already (`embed_tokens` into a
-        `new_token_buffer`): streaming fills them region chunk by region chunk and never holds the stitched
-        region features. Without autograd, long sequences are updated in place."""
-        return self._model_output(self.context_encoder.encode(tokens), None)
+        return self.output_from_encoding(encoding, tuple(region_feature_maps) if output_region_features else None)
 
     @staticmethod
-    def _model_output(encoding: ContextEncoding, region_feature_maps) -> XTModelOutput:
+    def output_from_encoding(
+        encoding: ContextEncoding, region_feature_maps: tuple[torch.Tensor, ...] | None = None
+    ) -> XTModelOutput:
+        """The model's output for a context encoding, however it was computed: the pooled state is the CLS
+        state, or the tokens' mean without a CLS token."""
         pooled = encoding.cls_state if encoding.cls_state is not None else encoding.tokens.mean(dim=1)
         return XTModelOutput(
             last_hidden_state=encoding.tokens,
@@ -260,7 +258,7 @@ class XTForImageClassification(XTPreTrainedModel):
             output_attentions=output_attentions,
             return_dict=True,
         )
-        logits = self.classifier(outputs.pooler_output)
+        logits = self.logits_from_context(outputs)
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config, **kwargs)
@@ -268,6 +266,11 @@ class XTForImageClassification(XTPreTrainedModel):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
         return output if return_dict else output.to_tuple()
+
+    def logits_from_context(self, encoded: XTModelOutput) -> torch.Tensor:
+        """The head's part of the forward: `(batch, num_labels)` logits from the context encoding alone (what a
+        whole-scene engine calls once it has encoded a scene its own way)."""
+        return self.classifier(encoded.pooler_output)
 
 
 class XTForSemanticSegmentation(XTPreTrainedModel):
@@ -337,7 +340,9 @@ class XTForSemanticSegmentation(XTPreTrainedModel):
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid_shape)
 
     def decode_regions(self, stage_features: list[torch.Tensor], context: torch.Tensor | None) -> torch.Tensor:
-        """Regions' stage maps (and context) → their logits `(n, num_labels, R/stride, R/stride)`."""
+        """Regions' stage maps `(n, C_s, h_s, w_s)` (and their context tokens `(n, D, h, w)`) → their logits
+        `(n, num_labels, R/stride, R/stride)`. A region's output depends on nothing else, which is what lets an
+        engine decode a whole scene region by region."""
         logits = self.decoder(stage_features, context)
         side = self.config.region_size // self.config.decoder_output_stride
         if logits.shape[-2:] != (side, side):
@@ -348,23 +353,17 @@ class XTForSemanticSegmentation(XTPreTrainedModel):
         self, region_feature_maps: tuple[torch.Tensor, ...], context: torch.Tensor | None, rows: int, cols: int
     ) -> torch.Tensor:
         """Decode every region, `region_batch_size` at a time, into one `(batch, labels, rows·R/s, cols·R/s)` grid."""
-        batch = region_feature_maps[0].shape[0]
-        side = self.config.region_size // self.config.decoder_output_stride
-        region_views = [as_region_grid(m, m.shape[2] // rows, m.shape[3] // cols) for m in region_feature_maps]
-        context_view = None if context is None else as_region_grid(context, context.shape[2] // rows, context.shape[3] // cols)
         logits = None
-        num_regions = batch * rows * cols
-        chunk = self.config.region_batch_size or num_regions
-        for start in range(0, num_regions, chunk):
-            flat = torch.arange(start, min(start + chunk, num_regions))
-            image, row, col = (i.to(region_feature_maps[0].device) for i in region_index(flat, rows, cols))
+        for index in region_batches(region_feature_maps[0].shape[0], rows, cols, self.config.region_batch_size):
+            index = index.to(region_feature_maps[0].device)
             region_logits = self.decode_regions(
-                [view[image, row, col] for view in region_views],
-                None if context_view is None else context_view[image, row, col],
+                [index.gather(stage) for stage in region_feature_maps], None if context is None else index.gather(context)
             )
             if logits is None:
-                logits = region_logits.new_empty(batch, region_logits.shape[1], rows * side, cols * side)
-            as_region_grid(logits, side, side)[image, row, col] = region_logits
+                side = region_logits.shape[-1]
+                logits = region_logits.new_empty(region_feature_maps[0].shape[0], region_logits.shape[1],
+                                                 rows * side, cols * side)
+            index.scatter(logits, region_logits)
         return logits
 
     def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,9 @@ is ever copied as a whole: regions are gathered and scattered a chunk at a time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +47,55 @@ def as_region_grid(grid: torch.Tensor, region_height: int, region_width: int) ->
 def region_index(flat_index: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split flat region numbers (image-major, then region row, then region column) into their parts."""
     return flat_index // (rows * cols), (flat_index // cols) % rows, flat_index % cols
+
+
+@dataclass(frozen=True)
+class RegionIndex:
+    """Which regions of a `rows × cols` grid a batch holds: image, region row and region column, `(n,)` each.
+
+    `gather` reads those regions out of any map laid over the grid (the image, a stage's stitched features,
+    the context tokens, the logits) and `scatter` writes them back, whatever the map's resolution.
+    """
+
+    image: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    rows: int
+    cols: int
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def gather(self, grid: torch.Tensor) -> torch.Tensor:
+        """`(batch, C, rows·h, cols·w)` → the batch's regions `(n, C, h, w)`."""
+        return self._view(grid)[self.image, self.row, self.col]
+
+    def scatter(self, grid: torch.Tensor, regions: torch.Tensor) -> None:
+        """Write the batch's regions `(n, C, h, w)` into their places of `(batch, C, rows·h, cols·w)`."""
+        self._view(grid)[self.image, self.row, self.col] = regions
+
+    def to(self, device: torch.device | str) -> RegionIndex:
+        return RegionIndex(self.image.to(device), self.row.to(device), self.col.to(device), self.rows, self.cols)
+
+    def _view(self, grid: torch.Tensor) -> torch.Tensor:
+        return as_region_grid(grid, grid.shape[2] // self.rows, grid.shape[3] // self.cols)
+
+
+def region_batches(
+    batch: int, rows: int, cols: int, batch_size: int | None, *, order: torch.Tensor | None = None
+) -> Iterator[RegionIndex]:
+    """The regions of `batch` images of `rows × cols` regions, `batch_size` at a time (all at once for None):
+    image-major then row-major, or in the flat `order` given (a subset is allowed)."""
+    order = torch.arange(batch * rows * cols) if order is None else order
+    step = batch_size or max(len(order), 1)
+    for start in range(0, len(order), step):
+        yield RegionIndex(*region_index(order[start : start + step], rows, cols), rows, cols)
+
+
+def new_stitched_grids(feature_maps: tuple[torch.Tensor, ...], batch: int, rows: int, cols: int) -> list[torch.Tensor]:
+    """Uninitialised `(batch, C_s, rows·h_s, cols·w_s)` grids shaped after one batch of regions' `(n, C_s, h_s, w_s)`
+    maps, for `RegionIndex.scatter` to fill."""
+    return [f.new_empty(batch, f.shape[1], rows * f.shape[2], cols * f.shape[3]) for f in feature_maps]
 
 
 def nested_tokenize(pixel_values: torch.Tensor, region_size: int) -> torch.Tensor:

@@ -21,9 +21,12 @@ def sincos_2d_position_embedding(
     rows: int, cols: int, dim: int, *, device: torch.device | None = None
 ) -> torch.Tensor:
     """Embedding of every cell of a `rows × cols` grid, flattened row-major: `(rows·cols, dim)`, float32."""
-    row = torch.arange(rows, device=device).repeat_interleave(cols)
-    col = torch.arange(cols, device=device).repeat(rows)
-    return sincos_2d_position_embedding_at(row, col, dim)
+    return sincos_2d_position_embedding_at(*grid_cells(rows, cols, device=device), dim)
+
+
+def grid_cells(rows: int, cols: int, *, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of every cell of a `rows × cols` grid, flattened row-major: two `(rows·cols,)` tensors."""
+    return (torch.arange(rows, device=device).repeat_interleave(cols), torch.arange(cols, device=device).repeat(rows))
 
 
 def sincos_2d_position_embedding_at(row: torch.Tensor, col: torch.Tensor, dim: int) -> torch.Tensor:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -10,7 +12,17 @@ from transformers import AutoBackbone
 from transformers.models.hiera.modeling_hiera import unroll as hiera_unroll
 
 from .configuration_xt import XTConfig
-from .nested_tokenization import as_region_grid, region_index
+from .nested_tokenization import RegionIndex, new_stitched_grids, region_batches
+
+
+@dataclass
+class RegionBatch:
+    """Regions to encode, `(n, C, R, R)` normalised pixels, with their places; `with_gradient=False` encodes them
+    without autograd even in training (`grad_ratio`)."""
+
+    pixels: torch.Tensor
+    index: RegionIndex
+    with_gradient: bool = True
 
 
 class XTRegionEncoder(nn.Module):
@@ -38,36 +50,45 @@ class XTRegionEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, rows: int, cols: int) -> list[torch.Tensor]:
         """`(batch, C, rows·R, cols·R)` → one stitched `(batch, C_s, rows·h_s, cols·w_s)` map per stage."""
-        regions = as_region_grid(pixel_values, self.config.region_size, self.config.region_size)
-        num_regions = pixel_values.shape[0] * rows * cols
-        chunk = self.config.region_batch_size or num_regions
-
-        keep_grad = torch.ones(num_regions, dtype=torch.bool)
-        if self.training and torch.is_grad_enabled() and self.config.grad_ratio < 1.0:
-            # A fresh random subset keeps gradients each step; outputs stay in region order.
-            num_grad = math.ceil(num_regions * self.config.grad_ratio)
-            keep_grad[:] = False
-            keep_grad[torch.randperm(num_regions)[:num_grad]] = True
-
-        stitched: list[torch.Tensor] | None = None
-        for with_grad in (True, False):
-            selected = keep_grad.nonzero().flatten() if with_grad else (~keep_grad).nonzero().flatten()
-            for start in range(0, len(selected), chunk):
-                flat = selected[start : start + chunk]
-                image, row, col = (i.to(pixel_values.device) for i in region_index(flat, rows, cols))
-                with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
-                    feature_maps = self._feature_maps(regions[image, row, col])
-                if stitched is None:
-                    stitched = [
-                        features.new_empty(pixel_values.shape[0], features.shape[1], rows * features.shape[2],
-                                           cols * features.shape[3])
-                        for features in feature_maps
-                    ]
-                for grid, features in zip(stitched, feature_maps):
-                    as_region_grid(grid, features.shape[2], features.shape[3])[image, row, col] = features
+        stitched = None
+        for index, feature_maps in self.encode_batches(self.region_feed(pixel_values, rows, cols)):
+            if stitched is None:
+                stitched = new_stitched_grids(feature_maps, pixel_values.shape[0], rows, cols)
+            for grid, features in zip(stitched, feature_maps):
+                index.scatter(grid, features)
         return stitched
 
-    def _feature_maps(self, regions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def region_feed(self, pixel_values: torch.Tensor, rows: int, cols: int) -> Iterator[RegionBatch]:
+        """The regions of an in-memory padded image, `region_batch_size` at a time, in image-major row-major
+        order, gathered from a view (never all cut out at once).
+
+        In training with `grad_ratio < 1`, a fresh random subset of the regions keeps gradients each step:
+        those come first, then the rest without autograd.
+        """
+        num_regions = pixel_values.shape[0] * rows * cols
+        keep_grad = torch.ones(num_regions, dtype=torch.bool)
+        if self.training and torch.is_grad_enabled() and self.config.grad_ratio < 1.0:
+            keep_grad[:] = False
+            keep_grad[torch.randperm(num_regions)[: math.ceil(num_regions * self.config.grad_ratio)]] = True
+        for with_gradient in (True, False):
+            selected = (keep_grad if with_gradient else ~keep_grad).nonzero().flatten()
+            for index in region_batches(pixel_values.shape[0], rows, cols, self.config.region_batch_size,
+                                        order=selected):
+                index = index.to(pixel_values.device)
+                yield RegionBatch(index.gather(pixel_values), index, with_gradient)
+
+    def encode_batches(self, batches: Iterable[RegionBatch]) -> Iterator[tuple[RegionIndex, tuple[torch.Tensor, ...]]]:
+        """The region loop: each batch's `(n, C_s, h_s, w_s)` stage maps, with the batch's places.
+
+        The model feeds it from an image in memory (`region_feed`); the inference engine from a file read
+        region by region. Either way each region is encoded on its own, so the feed decides nothing but order.
+        """
+        for batch in batches:
+            with torch.set_grad_enabled(batch.with_gradient and torch.is_grad_enabled()):
+                feature_maps = self.encode(batch.pixels)
+            yield batch.index, feature_maps
+
+    def encode(self, regions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`(n, C, R, R)` → the backbone's `(n, C_s, h_s, w_s)` map for each `out_features` stage."""
         if self.config.backbone_config.model_type == "hiera":
             return self._hiera_feature_maps(regions)

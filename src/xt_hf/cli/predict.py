@@ -4,44 +4,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
-import sys
 import time
 
-import torch
+from ..nested_tokenization import region_grid_shape
+from .common import check_spill_directory, fail, load_for_inference, positive_int, resolve_device
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("predict", help="classify a large image, streaming its regions from disk")
     parser.add_argument("image", help="TIFF/BigTIFF, .npy, zarr, whole-slide image, PNG/JPEG")
     parser.add_argument("--model", required=True, help="local folder or Hub id of an xT classifier")
-    parser.add_argument("--region-batch-size", type=int, default=16)
+    parser.add_argument("--region-batch-size", type=positive_int, default=16)
     parser.add_argument("--num-workers", type=int, default=0, help="background processes reading regions")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--spill-dir", help="CPU: keep the context encoder's token buffers in files in this directory "
                         "(memory then holds chunks; the disk needs about twice the token grid)")
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--top-k", type=positive_int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.set_defaults(run=run)
 
 
 def run(arguments: argparse.Namespace) -> None:
+    import torch
     from transformers import AutoModelForImageClassification
 
-    from .region_sources import open_region_source
-    from .streaming import load_for_inference, predict_streaming
+    from ..engine import open_region_source, predict_streaming
 
-    model, processor = load_for_inference(
-        AutoModelForImageClassification, arguments.model, arguments.device, getattr(torch, arguments.dtype)
-    )
+    check_spill_directory(arguments.spill_dir)
+    device = resolve_device(arguments.device)
+    model, processor = load_for_inference(AutoModelForImageClassification, arguments.model, device,
+                                          getattr(torch, arguments.dtype), task="xt-hf predict")
     try:
         source = open_region_source(arguments.image, model.config.region_size)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-    device = torch.device(arguments.device)
+        fail(str(error))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -50,13 +49,12 @@ def run(arguments: argparse.Namespace) -> None:
                                    num_workers=arguments.num_workers, progress=not arguments.json,
                                    spill_directory=arguments.spill_dir)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(error))
     seconds = time.perf_counter() - start
     probabilities = logits.float().softmax(-1)[0]
     top = probabilities.topk(min(arguments.top_k, probabilities.numel()))
     region = model.config.region_size
-    regions = -(-source.height // region) * -(-source.width // region)
+    regions = math.prod(region_grid_shape(source.height, source.width, region))
     peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     result = {

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..nested_tokenization import region_grid_shape
 from .spill import drop_mapped_pages
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -183,7 +184,7 @@ class RegionReader(Dataset):
     def __init__(self, source: RegionSource, region_size: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  rescale_factor: float = 1 / 255):
         self.source, self.region_size = source, region_size
-        self.rows, self.cols = -(-source.height // region_size), -(-source.width // region_size)
+        self.rows, self.cols = region_grid_shape(source.height, source.width, region_size)
         self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
         self.rescale_factor = rescale_factor

@@ -13,7 +13,9 @@ import resource
 import time
 from pathlib import Path
 
-DEMO_MODEL = Path(__file__).parent / "demo_model"
+from .common import fail, non_negative_int, positive_int
+
+DEMO_MODEL = Path(__file__).parents[1] / "demo_model"
 # Samples the demo model never saw: its training, model selection and scoring used "train", "validation", "test".
 DEMO_SPLIT = "demo"
 
@@ -24,13 +26,14 @@ def load_demo_model():
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as transformers_logging
 
-    from .streaming import load_for_inference
+    from .common import load_for_inference
 
     if not (DEMO_MODEL / "model.safetensors").is_file():
         raise FileNotFoundError(f"The demo model is missing from the installed package ({DEMO_MODEL}); "
                                 "reinstall xt-hf.")
     transformers_logging.disable_progress_bar()  # a 1.5 MB file needs no loading bar in the demo's output
-    return load_for_inference(AutoModelForImageClassification, str(DEMO_MODEL), "cpu", torch.float32)
+    return load_for_inference(AutoModelForImageClassification, str(DEMO_MODEL), torch.device("cpu"), torch.float32,
+                              task="xt-hf demo")
 
 
 def add_parser(subparsers) -> None:
@@ -40,18 +43,21 @@ def add_parser(subparsers) -> None:
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--image", help="predict this image file instead of a generated one")
-    parser.add_argument("--seed", type=int, default=0, help="which held-out sample to generate (default 0)")
-    parser.add_argument("--size", type=int, default=1024, help="side of the generated image in px (trained on 1024)")
-    parser.add_argument("--region-batch-size", type=int, default=16, help="regions encoded at a time")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="which held-out sample to generate (default 0)")
+    parser.add_argument("--size", type=positive_int, default=1024,
+                        help="side of the generated image in px (trained on 1024; at least one region)")
+    parser.add_argument("--region-batch-size", type=positive_int, default=16, help="regions encoded at a time")
     parser.set_defaults(run=run)
 
 
 def run(arguments: argparse.Namespace) -> dict:
     import torch
 
-    from .synthetic import generate_sample, sample_rng
+    from ..synthetic import generate_sample, sample_rng
 
     model, processor = load_demo_model()
+    if not arguments.image and arguments.size < model.config.region_size:
+        fail(f"--size {arguments.size}: the demo image must be at least one region ({model.config.region_size} px)")
     model.config.region_batch_size = arguments.region_batch_size
     if arguments.image:
         from PIL import Image

@@ -13,17 +13,23 @@ import importlib
 import sys
 
 # Modules providing `add_parser(subparsers)`, which registers a command whose `run(arguments)` does the work.
-COMMAND_MODULES = ("demo", "predict", "segment", "train")
+# Parsers are built without importing torch; a command imports what it needs when it runs.
+COMMAND_MODULES = {
+    "demo": "xt_hf.cli.demo",
+    "predict": "xt_hf.cli.predict",
+    "segment": "xt_hf.cli.segment",
+    "train": "xt_hf.train",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="xt-hf", description="xT for very large images.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module_name in COMMAND_MODULES:
+    for name, module_name in COMMAND_MODULES.items():
         try:
-            module = importlib.import_module(f"xt_hf.{module_name}")
+            module = importlib.import_module(module_name)
         except ImportError as error:  # an optional command whose extra is not installed
-            commands.add_parser(module_name, help=f"unavailable: {error}")
+            commands.add_parser(name, help=f"unavailable: {error}")
             continue
         module.add_parser(commands)
     arguments = parser.parse_args(argv)

@@ -1,0 +1,5 @@
+"""`python -m xt_hf ...` runs the `xt-hf` command line (so that `accelerate launch -m xt_hf ...` works too)."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,93 @@
+"""What every inference command shares: loading a model for a task, the device, and usage errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+
+def fail(message: str) -> NoReturn:
+    """A usage error: one line naming the problem, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def resolve_device(name: str):
+    """`auto` → CUDA when available, else CPU; a device that is not there is a usage error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def _looks_like_a_path(model_id: str) -> bool:
+    return model_id.startswith((".", "/", "~")) or model_id.count("/") != 1 or Path(model_id).exists()
+
+
+def load_for_inference(auto_class, model_id: str, device, dtype, *, task: str):
+    """`(model in eval mode on device/dtype, image processor or None)` for `task` (e.g. "xt-hf segment").
+
+    Fails with one line, exit status 2, before any work: a missing folder, a model that is not xT, and a
+    model without trained weights for the head `auto_class` builds (loading a classifier as a segmenter
+    would otherwise give a randomly initialised head and plausible-looking noise).
+    """
+    from transformers import AutoConfig, AutoImageProcessor
+    from transformers.utils import logging as transformers_logging
+
+    if _looks_like_a_path(model_id) and not Path(model_id).expanduser().is_dir():
+        fail(f"--model {model_id}: no such folder (give a folder written by save_pretrained or a Hub id)")
+    try:
+        config = AutoConfig.from_pretrained(model_id, trust_remote_code=True)
+    except (OSError, ValueError) as error:
+        fail(f"cannot load the model {model_id!r}: {error}")
+    if config.model_type != "xt":
+        fail(f"--model {model_id} is a {config.model_type!r} model, not an xT model")
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # the missing-weights report is ours to give, as one line
+    try:
+        model, info = auto_class.from_pretrained(model_id, trust_remote_code=True, output_loading_info=True)
+    except (OSError, ValueError) as error:
+        fail(f"cannot load the model {model_id!r}: {error}")
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        trained = ", ".join(config.architectures or ["an unknown head"])
+        missing = sorted(info["missing_keys"])
+        fail(f"--model {model_id} is {trained}; {task} needs a {type(model).__name__}, and "
+             f"{len(missing)} of its weights are not in the checkpoint (e.g. {missing[0]})")
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_id, trust_remote_code=True)
+    except (OSError, ValueError):
+        processor = None  # no preprocessor_config.json: ImageNet statistics, as the original
+    return model.to(device, dtype).eval(), processor
+
+
+def check_spill_directory(path: str | None) -> None:
+    """A spill directory must exist before an hour of region encoding starts."""
+    if path is not None and not Path(path).is_dir():
+        fail(f"--spill-dir {path}: no such directory")

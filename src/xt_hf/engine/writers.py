@@ -1,0 +1,51 @@
+"""Whole-scene outputs written region by region, so that no full-resolution map is ever held in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import os
+
+import numpy as np
+
+CLASS_MAP_SUFFIXES = (".zarr", ".tif", ".tiff")
+
+
+def check_output_path(output: str | Path, *, suffixes: tuple[str, ...], overwrite: bool) -> Path:
+    """Fail before any work, naming the problem, for an output that cannot or must not be written: a wrong
+    suffix, an existing output without `overwrite`, a missing or read-only folder."""
+    output = Path(output)
+    if output.suffix.lower() not in suffixes:
+        raise ValueError(f"The output must end in {', '.join(suffixes)}; got {output.name!r}.")
+    if output.exists() and not overwrite:
+        raise ValueError(f"{output} exists: choose another output or allow replacing it (--overwrite, overwrite=True).")
+    folder = output.parent
+    if not folder.is_dir():
+        raise ValueError(f"The output folder {str(folder)!r} does not exist.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"The output folder {str(folder)!r} is not writable.")
+    return output
+
+
+def write_class_map(output: Path, tiles: Iterable[tuple[int, int, np.ndarray]], *, shape: tuple[int, int],
+                    tile_side: int, dtype: np.dtype) -> None:
+    """Write `(region row, region column, (side, side) class map)` tiles, arriving in row-major region order,
+    into a `.zarr` array or a tiled `.tif` of `shape` (the last row and column of tiles cropped)."""
+    height, width = shape
+    if output.suffix.lower() == ".zarr":
+        import zarr
+
+        target = zarr.open(str(output), mode="w", shape=shape, chunks=(tile_side, tile_side), dtype=dtype)
+        for row, col, tile in tiles:
+            rows = slice(row * tile_side, min((row + 1) * tile_side, height))
+            cols = slice(col * tile_side, min((col + 1) * tile_side, width))
+            target[rows, cols] = tile[: rows.stop - rows.start, : cols.stop - cols.start]
+        return
+    import tifffile
+
+    if tile_side % 16:
+        raise ValueError(f"Tiled TIFF tiles must be multiples of 16 px; region_size / stride is {tile_side}: use .zarr.")
+    # Regions arrive in row-major order, the order of a tiled TIFF's tiles (one tile per region, the last row
+    # and column of tiles partly outside the image): write them as they come.
+    tifffile.imwrite(output, (tile for _, _, tile in tiles), shape=shape, dtype=dtype, tile=(tile_side, tile_side))
