@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -416,6 +418,31 @@ def test_missing_fixtures_skip_locally_but_fail_on_ci(tmp_path, monkeypatch):
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match=re.escape(str(FIXTURES))):
         check_parity_fixtures()
+
+
+# ---- docs/conversion.md: every block runs as written, or says it needs the user's own files ------------
+
+DOC = REPO_ROOT / "docs" / "conversion.md"
+DOC_BLOCKS = re.findall(r"^```(\w*)\n(.*?)^```$", DOC.read_text(), re.M | re.S)
+RUNNABLE_BLOCKS = [(language, code) for language, code in DOC_BLOCKS if not code.startswith("# Needs your own files")]
+
+
+def test_conversion_doc_blocks_are_tagged_and_hold_no_placeholders():
+    assert DOC_BLOCKS and RUNNABLE_BLOCKS
+    for language, code in DOC_BLOCKS:
+        assert language in ("bash", "python"), f"untagged or unknown block: {code[:80]!r}"
+        assert not re.search(r"\[--?\w", code), f"bracketed optional flag in {code!r}"
+    assert len(RUNNABLE_BLOCKS) < len(DOC_BLOCKS)  # the user's-own-files blocks each have a runnable variant
+
+
+@needs_fixtures
+@pytest.mark.parametrize(("language", "code"), RUNNABLE_BLOCKS,
+                         ids=[f"{language}-{index}" for index, (language, _) in enumerate(RUNNABLE_BLOCKS)])
+def test_conversion_doc_block_runs_as_written(language, code):
+    command = ["bash", "-euo", "pipefail", "-c", code] if language == "bash" else [sys.executable, "-c", code]
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{code}\n--- stderr ---\n{result.stderr[-3000:]}"
 
 
 # ---- modeling/ ------------------------------------------------------------------------------
