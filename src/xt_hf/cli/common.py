@@ -67,18 +67,21 @@ def load_for_inference(auto_class, model_id: str, device, dtype, *, task: str):
         fail(f"cannot load the model {model_id!r}: {error}")
     if config.model_type != "xt":
         fail(f"--model {model_id} is a {config.model_type!r} model, not an xT model")
-    verbosity = transformers_logging.get_verbosity()
+    verbosity, progress_bar = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()  # the missing-weights report is ours to give, as one line
+    transformers_logging.disable_progress_bar()  # a usage error is one line, not a loading bar and then the line
     try:
         model, info = auto_class.from_pretrained(model_id, trust_remote_code=True, output_loading_info=True)
     except (OSError, ValueError) as error:
         fail(f"cannot load the model {model_id!r}: {error}")
     finally:
         transformers_logging.set_verbosity(verbosity)
+        if progress_bar:
+            transformers_logging.enable_progress_bar()
     if info["missing_keys"]:
         trained = ", ".join(config.architectures or ["an unknown head"])
         missing = sorted(info["missing_keys"])
-        fail(f"--model {model_id} is {trained}; {task} needs a {type(model).__name__}, and "
+        fail(f"--model {model_id} is {trained}; {task} needs an {type(model).__name__}, and "
              f"{len(missing)} of its weights are not in the checkpoint (e.g. {missing[0]})")
     try:
         processor = AutoImageProcessor.from_pretrained(model_id, trust_remote_code=True)
@@ -89,5 +92,8 @@ def load_for_inference(auto_class, model_id: str, device, dtype, *, task: str):
 
 def check_spill_directory(path: str | None) -> None:
     """A spill directory must exist before an hour of region encoding starts."""
-    if path is not None and not Path(path).is_dir():
-        fail(f"--spill-dir {path}: no such directory")
+    if path is None or Path(path).is_dir():
+        return
+    if Path(path).exists():
+        fail(f"--spill-dir {path}: not a directory (the spill directory must be an existing folder)")
+    fail(f"--spill-dir {path}: the spill directory does not exist (create it first)")

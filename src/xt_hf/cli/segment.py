@@ -6,7 +6,8 @@ import argparse
 import resource
 import time
 
-from .common import check_spill_directory, fail, load_for_inference, positive_int, resolve_device
+from .common import (check_spill_directory, fail, load_for_inference, non_negative_int, positive_int,
+                     resolve_device)
 
 
 def add_parser(subparsers) -> None:
@@ -15,7 +16,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", required=True, help="local folder or Hub id of an XTForSemanticSegmentation")
     parser.add_argument("--output", required=True, help="class map to write: .tif (tiled) or .zarr")
     parser.add_argument("--region-batch-size", type=positive_int, default=16)
-    parser.add_argument("--num-workers", type=int, default=0, help="background processes reading regions")
+    parser.add_argument("--num-workers", type=non_negative_int, default=0, help="background processes reading regions")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--spill-dir", help="CPU: keep the context encoder's token buffers in files in this directory "
@@ -34,7 +35,7 @@ def run(arguments: argparse.Namespace) -> None:
     try:  # before the model loads and long before the first pass ends
         check_output_path(arguments.output, suffixes=CLASS_MAP_SUFFIXES, overwrite=arguments.overwrite)
     except ValueError as error:
-        fail(str(error))
+        fail(f"--output {arguments.output}: {error}")
     check_spill_directory(arguments.spill_dir)
     device = resolve_device(arguments.device)
     model, processor = load_for_inference(AutoModelForSemanticSegmentation, arguments.model, device,

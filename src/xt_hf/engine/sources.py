@@ -149,11 +149,19 @@ def _open_path(path: Path) -> RegionSource:
     if not path.exists():
         raise ValueError(f"{path} does not exist.")
     suffix = path.suffix.lower()
+    zarr_metadata = ("zarr.json", ".zarray", ".zgroup")  # zarr v3; v2 array, v2 group
+    if path.is_dir() and not any((path / name).is_file() for name in zarr_metadata):
+        raise ValueError(f"{path} is a directory, not an image or a zarr array (it holds no {', '.join(zarr_metadata)}).")
     try:
         if path.is_dir() or suffix == ".zarr":
             import zarr
 
-            return ArraySource(zarr.open(str(path), mode="r"))
+            opened = zarr.open(str(path), mode="r")
+            if not hasattr(opened, "shape"):  # a group of arrays: which one is the image is not ours to guess
+                names = sorted(getattr(opened, "array_keys", lambda: [])())
+                example = f" (e.g. {path / names[0]})" if names else ""
+                raise ValueError(f"{path} is a zarr group, not an array: give the path of its image array{example}.")
+            return ArraySource(opened)
         if suffix in NUMPY_SUFFIXES:
             return ArraySource(np.load(path, mmap_mode="r"))
         if suffix in TIFF_SUFFIXES:

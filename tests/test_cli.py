@@ -1,0 +1,234 @@
+"""The command line's answers to bad inputs: one `error: ...` line naming the problem, exit status 2, before any
+long work (no traceback, no misleading message, no model loaded when the output cannot be written)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REGION, tiny_config
+
+from xt_hf.cli import main
+
+
+def fails_with(capsys, argv: list[str], *expected: str) -> str:
+    """Run the command line in-process; it must exit with status 2 and one `error:` line holding `expected`."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2, exited.value.code
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 1, captured.err
+    assert "Traceback" not in captured.err, captured.err
+    for text in expected:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Saved tiny models: an xT classifier, an xT segmenter, a Swin V2 (not xT); an image and a plain folder."""
+    from transformers import Swinv2Config, Swinv2Model
+
+    from xt_hf import XTForImageClassification, XTForSemanticSegmentation, XTImageProcessor
+
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    XTForImageClassification(tiny_config()).save_pretrained(root / "classifier")
+    XTForSemanticSegmentation(tiny_config(num_labels=3, classifier="pool")).save_pretrained(root / "segmenter")
+    for name in ("classifier", "segmenter"):
+        XTImageProcessor(region_size=REGION).save_pretrained(root / name)
+    Swinv2Model(Swinv2Config(embed_dim=8, depths=[1], num_heads=[1], window_size=4)).save_pretrained(root / "swinv2")
+    np.save(root / "image.npy", np.random.default_rng(0).integers(0, 256, (2 * REGION, 2 * REGION, 3), np.uint8))
+    (root / "plain folder").mkdir()
+    (root / "plain folder" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Checks that must come before the model loads: loading it fails the test."""
+    import xt_hf.cli.common
+    import xt_hf.cli.predict
+    import xt_hf.cli.segment
+
+    def load_for_inference(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    for module in (xt_hf.cli.common, xt_hf.cli.predict, xt_hf.cli.segment):
+        monkeypatch.setattr(module, "load_for_inference", load_for_inference, raising=False)
+
+
+# 1. A model with another head than the command needs.
+
+def test_segment_with_a_classifier_names_both(folders, tmp_path, capsys):
+    line = fails_with(capsys, ["segment", str(folders / "image.npy"), "--model", str(folders / "classifier"),
+                               "--output", str(tmp_path / "mask.zarr"), "--device", "cpu"],
+                      "is XTForImageClassification", "needs an XTForSemanticSegmentation", "segment")
+    assert not (tmp_path / "mask.zarr").exists(), line
+
+
+def test_predict_with_a_segmenter_names_both(folders, capsys):
+    fails_with(capsys, ["predict", str(folders / "image.npy"), "--model", str(folders / "segmenter"),
+                        "--device", "cpu"],
+               "is XTForSemanticSegmentation", "needs an XTForImageClassification", "predict")
+
+
+# 2. A directory that is not a zarr store given as the image.
+
+@pytest.mark.parametrize("command", ["predict", "segment"])
+def test_a_plain_directory_as_the_image_is_named_as_a_directory(command, folders, tmp_path, capsys):
+    model = folders / ("classifier" if command == "predict" else "segmenter")
+    argv = [command, str(folders / "plain folder"), "--model", str(model), "--device", "cpu"]
+    if command == "segment":
+        argv += ["--output", str(tmp_path / "mask.zarr")]
+    line = fails_with(capsys, argv, "plain folder", "is a directory", "not an image or a zarr array")
+    assert "No group found" not in line
+
+
+def test_open_region_source_names_a_plain_directory(folders):
+    from xt_hf.engine import open_region_source
+
+    with pytest.raises(ValueError, match="is a directory, not an image or a zarr array"):
+        open_region_source(folders / "plain folder")
+    with pytest.raises(ValueError, match="is a directory, not an image or a zarr array"):
+        open_region_source(folders / "classifier")  # a model folder by mistake
+
+
+def test_a_zarr_directory_still_opens(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    from xt_hf.engine import open_region_source
+
+    array = zarr.open(str(tmp_path / "scene"), mode="w", shape=(40, 50, 3), dtype="uint8")  # no .zarr suffix
+    array[:] = 7
+    source = open_region_source(tmp_path / "scene", REGION)
+    assert (source.height, source.width, source.channels) == (40, 50, 3)
+    assert (source.read(0, 0, 2, 2) == 7).all()
+
+
+def test_a_zarr_group_asks_for_one_of_its_arrays(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    from xt_hf.engine import open_region_source
+
+    group = zarr.open_group(str(tmp_path / "scene.zarr"), mode="w")
+    group.create_array("level0", shape=(40, 50, 3), dtype="uint8")
+    with pytest.raises(ValueError, match="is a zarr group, not an array.*level0"):
+        open_region_source(tmp_path / "scene.zarr")
+    assert open_region_source(tmp_path / "scene.zarr" / "level0").height == 40
+
+
+# 3. --model that does not exist or is not xT.
+
+@pytest.mark.parametrize("command", ["predict", "segment"])
+def test_a_missing_model_folder(command, folders, tmp_path, capsys):
+    argv = [command, str(folders / "image.npy"), "--model", str(tmp_path / "no-such-model"), "--device", "cpu"]
+    if command == "segment":
+        argv += ["--output", str(tmp_path / "mask.zarr")]
+    fails_with(capsys, argv, "no-such-model", "no such folder")
+
+
+def test_a_model_that_is_not_xt(folders, capsys):
+    fails_with(capsys, ["predict", str(folders / "image.npy"), "--model", str(folders / "swinv2"), "--device", "cpu"],
+               "swinv2", "not an xT model")
+
+
+def test_a_folder_without_a_model(folders, capsys):
+    fails_with(capsys, ["predict", str(folders / "image.npy"), "--model", str(folders / "plain folder"),
+                        "--device", "cpu"],
+               "plain folder", "config.json")
+
+
+# 4. Numbers out of range, a device that is not there.
+
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_top_k_below_one(value, folders, capsys, no_model_loading):
+    fails_with(capsys, ["predict", str(folders / "image.npy"), "--model", str(folders / "classifier"),
+                        "--top-k", value], "--top-k", f"must be at least 1, got {value}")
+
+
+@pytest.mark.parametrize("option", ["--region-batch-size", "--num-workers"])
+def test_counts_out_of_range(option, folders, capsys, no_model_loading):
+    value = "0" if option == "--region-batch-size" else "-1"
+    fails_with(capsys, ["predict", str(folders / "image.npy"), "--model", str(folders / "classifier"),
+                        option, value], option, f"got {value}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is available here")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu(device, folders, capsys, no_model_loading):
+    fails_with(capsys, ["predict", str(folders / "image.npy"), "--model", str(folders / "classifier"),
+                        "--device", device], f"--device {device}", "no CUDA GPU")
+
+
+def test_an_unknown_device(folders, capsys, no_model_loading):
+    fails_with(capsys, ["predict", str(folders / "image.npy"), "--model", str(folders / "classifier"),
+                        "--device", "gpu0"], "unknown device 'gpu0'")
+
+
+def test_demo_size_smaller_than_a_region(capsys):
+    fails_with(capsys, ["demo", "--size", "100"], "--size 100", "at least one region", "128 px")
+
+
+def test_demo_negative_seed(capsys):
+    fails_with(capsys, ["demo", "--seed", "-1"], "--seed", "got -1")
+
+
+# 5. Outputs and spill folders that cannot be written, all reported before the model loads.
+
+def segment_argv(folders, output, *extra):
+    return ["segment", str(folders / "image.npy"), "--model", str(folders / "segmenter"), "--output", str(output),
+            "--device", "cpu", *extra]
+
+
+def test_segment_output_in_a_missing_folder(folders, tmp_path, capsys, no_model_loading):
+    fails_with(capsys, segment_argv(folders, tmp_path / "missing" / "mask.zarr"), "--output", "missing",
+               "does not exist")
+
+
+def test_segment_output_in_a_read_only_folder(folders, tmp_path, capsys, no_model_loading):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("this user (root?) can write to a read-only folder")
+        fails_with(capsys, segment_argv(folders, folder / "mask.zarr"), "read-only", "not writable")
+    finally:
+        folder.chmod(0o755)
+
+
+def test_segment_output_that_exists(folders, tmp_path, capsys, no_model_loading):
+    (tmp_path / "mask.tif").write_bytes(b"earlier result")
+    fails_with(capsys, segment_argv(folders, tmp_path / "mask.tif"), "mask.tif", "exists", "--overwrite")
+    assert (tmp_path / "mask.tif").read_bytes() == b"earlier result"
+
+
+@pytest.mark.parametrize("name", ["mask.png", "mask"])
+def test_segment_output_with_a_wrong_suffix(name, folders, tmp_path, capsys, no_model_loading):
+    fails_with(capsys, segment_argv(folders, tmp_path / name), ".zarr", ".tif", repr(name))
+
+
+@pytest.mark.parametrize("command", ["predict", "segment"])
+def test_a_missing_spill_directory(command, folders, tmp_path, capsys, no_model_loading):
+    argv = [command, str(folders / "image.npy"), "--model", str(folders / "classifier"), "--device", "cpu",
+            "--spill-dir", str(tmp_path / "no-spill")]
+    if command == "segment":
+        argv += ["--output", str(tmp_path / "mask.zarr")]
+    fails_with(capsys, argv, "--spill-dir", "no-spill", "spill directory", "does not exist")
+
+
+def test_a_bad_input_from_a_new_process_is_one_line_and_status_2(folders, tmp_path):
+    """The installed entry point behaves as `main` in-process: one line on stderr, no traceback, status 2."""
+    result = subprocess.run(
+        [sys.executable, "-m", "xt_hf", "segment", str(folders / "image.npy"), "--model", str(folders / "classifier"),
+         "--output", str(tmp_path / "mask.zarr"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "XTForImageClassification" in lines[0]
