@@ -284,10 +284,6 @@ class XTForSemanticSegmentation(XTPreTrainedModel):
         self.xt = XTModel(config)
         context_channels = config.context_hidden_size if config.context_encoder != "none" else 0
         self.decoder = XTSegmentationDecoder(config, self.xt.region_encoder.channels, context_channels)
-        if config.region_size % config.decoder_output_stride:
-            raise ValueError(
-                f"`decoder_output_stride` ({config.decoder_output_stride}) must divide `region_size` ({config.region_size})."
-            )
         self.post_init()
 
     def forward(

@@ -37,13 +37,11 @@ def region_reader_for(model, image, processor=None) -> RegionReader:
     expected = model.config.backbone_config.num_channels
     if source.channels != expected:
         raise ValueError(f"The image has {source.channels} channels but the region encoder expects {expected}.")
-    arguments = {}
+    settings = {}
     if processor is not None:
-        arguments = dict(mean=processor.image_mean, std=processor.image_std,
-                         rescale_factor=processor.rescale_factor if processor.do_rescale else 1.0)
-        if not processor.do_normalize:
-            arguments.update(mean=[0.0] * source.channels, std=[1.0] * source.channels)
-    return RegionReader(source, model.config.region_size, **arguments)
+        settings = {name: getattr(processor, name)
+                    for name in ("image_mean", "image_std", "rescale_factor", "do_rescale", "do_normalize")}
+    return RegionReader(source, model.config.region_size, **settings)
 
 
 def region_feed(model, reader: RegionReader, *, region_batch_size: int | None = None, num_workers: int = 0,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..image_processing_xt import normalize_pixels
 from ..nested_tokenization import region_grid_shape
 from .spill import drop_mapped_pages
 
@@ -184,20 +185,23 @@ def _open_path(path: Path) -> RegionSource:
 class RegionReader(Dataset):
     """Region number (row-major over the grid) → normalised `(C, R, R)` float32 region and its (row, col).
 
-    Pixels are rescaled by `rescale_factor`, normalised with `mean`/`std`, and the part of a region
-    beyond the image border is 0 after normalisation: what `XTImageProcessor` plus the model's padding
-    produce. Reading happens per region, so a `DataLoader` with workers prefetches while the model runs.
+    Pixels are rescaled and normalised by the image processors' own `normalize_pixels` (the same settings,
+    the same bits), and the part of a region beyond the image border is 0 after normalisation: what
+    `XTImageProcessor` plus the model's padding produce. Reading happens per region, so a `DataLoader` with
+    workers prefetches while the model runs.
     """
 
-    def __init__(self, source: RegionSource, region_size: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 rescale_factor: float = 1 / 255):
+    def __init__(self, source: RegionSource, region_size: int, *, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+                 rescale_factor: float | None = None, do_rescale: bool = True, do_normalize: bool = True):
         self.source, self.region_size = source, region_size
         self.rows, self.cols = region_grid_shape(source.height, source.width, region_size)
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
-        self.rescale_factor = rescale_factor
-        if len(self.mean) != source.channels:
-            raise ValueError(f"The image has {source.channels} channels but {len(self.mean)} normalisation means.")
+        self.normalization = dict(image_mean=image_mean, image_std=image_std, rescale_factor=rescale_factor,
+                                  do_rescale=do_rescale, do_normalize=do_normalize)
+        for name in ("image_mean", "image_std"):
+            values = self.normalization[name]
+            count = len(values) if isinstance(values, (list, tuple)) else 1
+            if do_normalize and count not in (1, source.channels):
+                raise ValueError(f"The image has {source.channels} channels but {count} values of {name}.")
 
     def __len__(self) -> int:
         return self.rows * self.cols
@@ -205,9 +209,7 @@ class RegionReader(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         row, col = divmod(index, self.cols)
         size = self.region_size
-        pixels = self.source.read(row * size, col * size, size, size)
-        pixels = np.moveaxis(pixels, -1, 0).astype(np.float32) * self.rescale_factor
-        pixels = (pixels - self.mean) / self.std
+        pixels = normalize_pixels(self.source.read(row * size, col * size, size, size), **self.normalization)
         region = np.zeros((self.source.channels, size, size), dtype=np.float32)
         region[:, : pixels.shape[1], : pixels.shape[2]] = pixels
         if not np.isfinite(region).all():
