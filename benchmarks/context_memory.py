@@ -13,7 +13,7 @@ allocated before); `× grid` divides it by the token grid's own size. `chunked` 
 `context_token_chunk_size` (token chunks, and in place head by head above it); `unchunked` sets it above
 the token count (the whole sequence at once, as a plain implementation does; HyperAttention still runs
 one head at a time); `spilled` is `chunked` with the token sequence (and the attention blocks' buffer of
-heads' outputs) in a file in a temporary directory (`--spill-dir`), released chunk by chunk (`xt_hf.spill`).
+heads' outputs) in a file in a temporary directory (`--spill-dir`), released chunk by chunk (`xt_hf.engine.spill`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def measure(height: int, width: int, chunk: int | None, dtype: str, context: str
 
     from xt_hf import XTConfig
     from xt_hf.context_encoder import XTContextEncoder
+    from xt_hf.engine import encode_grid
 
     torch.manual_seed(0)
     rows, cols = height // STRIDE, width // STRIDE
@@ -52,7 +53,7 @@ def measure(height: int, width: int, chunk: int | None, dtype: str, context: str
     grid = torch.randn(1, CHANNELS, rows, cols, dtype=getattr(torch, dtype))
     start = time.perf_counter()
     with torch.inference_mode(), PeakRSS() as peak:
-        encoder(grid, spill_directory=spill)
+        encode_grid(encoder, grid, spill_directory=spill)
     return {
         "context": context, "height": height, "width": width, "tokens": rows * cols, "dtype": dtype,
         "chunk": config.context_token_chunk_size, "seconds": round(time.perf_counter() - start, 2),

@@ -50,7 +50,7 @@ def child(kind: str, path: str, device_name: str, dtype_name: str, context: str 
     start = time.perf_counter()
     if kind == "xt":
         from xt_hf import XTConfig, XTForImageClassification
-        from xt_hf.streaming import predict_streaming
+        from xt_hf.engine import predict_streaming
 
         # The released 2-layer causal HyperAttention encoder, or the released 4-layer Mamba encoder.
         layers = dict(context_encoder="mamba", context_num_layers=4) if context == "mamba" else dict(

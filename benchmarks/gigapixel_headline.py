@@ -3,7 +3,7 @@
     python benchmarks/gigapixel_headline.py full --workdir /tmp/headline      # image → logits, one process
     python benchmarks/gigapixel_headline.py full --workdir /tmp/headline --spill-dir /tmp/headline  # tokens on disk
 
-`full` is what a user runs: `xt_hf.streaming.predict_streaming` on a random uint8 image stored as a `.npy`
+`full` is what a user runs: `xt_hf.engine.predict_streaming` on a random uint8 image stored as a `.npy`
 memmap (written first, in a separate process, band by band), `region_batch_size` regions at a time, then
 the context encoder over the whole token grid and the classifier. It prints one JSON line (the process's
 peak RSS, seconds) and appends it to `workdir/results.jsonl`.
@@ -61,7 +61,7 @@ def image(workdir: Path, height: int, width: int) -> Path:
 
 
 def full(workdir: Path, height: int, width: int, region_batch_size: int, spill_directory: Path | None) -> dict:
-    from xt_hf.streaming import predict_streaming
+    from xt_hf.engine import predict_streaming
 
     path = image(workdir, height, width)
     model = build_model()
@@ -74,7 +74,7 @@ def full(workdir: Path, height: int, width: int, region_batch_size: int, spill_d
 
 
 def encode(workdir: Path, height: int, width: int, region_batch_size: int) -> dict:
-    from xt_hf.streaming import encode_regions_streaming
+    from xt_hf.engine import encode_regions_streaming
 
     image_path = image(workdir, height, width)
     model = build_model()
@@ -90,14 +90,16 @@ def encode(workdir: Path, height: int, width: int, region_batch_size: int) -> di
 def context(workdir: Path, height: int, width: int, band_rows: int = 16) -> dict:
     """Embed the saved grid a band of token rows at a time (as streaming embeds each chunk of regions), then
     run the context encoder and the classifier. Only one band of the file is mapped at a time."""
+    from xt_hf.engine import encode_in_place, new_token_buffer
+
     model = build_model()
     encoder = model.base_model.context_encoder
     path = workdir / f"grid_{height}x{width}.npy"
     _, channels, rows, cols = np.load(path, mmap_mode="r").shape
     start = time.perf_counter()
     with torch.inference_mode():
-        tokens = encoder.new_token_buffer(1, rows * cols, device=torch.device("cpu"))
-        grid_tokens = encoder.grid_part(tokens)
+        tokens = new_token_buffer(encoder, 1, rows * cols, device=torch.device("cpu"))
+        grid_tokens = encoder.split_cls(tokens)[0]
         for top in range(0, rows, band_rows):
             band = torch.from_numpy(np.array(np.load(path, mmap_mode="r")[0, :, top : top + band_rows]))
             count = band.shape[1]
@@ -105,7 +107,7 @@ def context(workdir: Path, height: int, width: int, band_rows: int = 16) -> dict
             col = torch.arange(cols).repeat(count)
             grid_tokens[:, top * cols : (top + count) * cols] = encoder.embed_tokens(band.flatten(1).T[None], row, col)
         embedded = time.perf_counter() - start
-        logits = model.classifier(model.base_model.encode_embedded_context(tokens).pooler_output)
+        logits = model.logits_from_context(model.base_model.output_from_encoding(encode_in_place(encoder, tokens)))
     seconds = time.perf_counter() - start
     return {"stage": "context", "height": height, "width": width, "tokens": rows * cols,
             "grid_gib": tokens.numel() * tokens.element_size() / 2**30, "seconds": seconds,
