@@ -107,7 +107,26 @@ ERROR_BOUNDS = {
     ("clustered", False): 1.75, ("clustered", True): 0.7,
     ("random", False): 4.2, ("random", True): 1.15,
 }
+# An error bound above 1 alone would pass an all-zero output (relative error exactly 1), and one below 1 a
+# scaled-down copy of the exact output: the approximation must also point the same way as exact attention
+# (cosine similarity of the flattened outputs; measured 0.90–0.93, 0.57–0.60 / 0.87–0.91, 0.24–0.32 / 0.72–0.73,
+# 0 for zeros) and keep its size (||approx|| / ||exact|| measured 0.94–3.74; 0 for zeros).
+COSINE_BOUNDS = {
+    ("matched", False): 0.85, ("matched", True): 0.85,
+    ("clustered", False): 0.5, ("clustered", True): 0.8,
+    ("random", False): 0.15, ("random", True): 0.65,
+}
+MIN_NORM_RATIO = 0.8
 INPUTS = {"matched": matched_keys_qkv, "clustered": clustered_keys_qkv, "random": random_qkv}
+
+
+def approximates(approximation: torch.Tensor, exact: torch.Tensor, inputs: str, causal: bool) -> bool:
+    """Within the measured error bound, pointing the way exact attention does, and of its size."""
+    approximation, exact = approximation.float(), exact.float()
+    cosine = F.cosine_similarity(approximation.flatten(), exact.flatten(), dim=0, eps=1e-12).item()
+    return (relative_error(approximation, exact) < ERROR_BOUNDS[inputs, causal]
+            and cosine > COSINE_BOUNDS[inputs, causal]
+            and (approximation.norm() / exact.norm()).item() > MIN_NORM_RATIO)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["non-causal", "causal"])
@@ -118,7 +137,24 @@ def test_approximation_error_is_bounded(inputs, causal):
     for seed in range(3):
         approximation = hyper_attention(query, key, value, scale=SCALE, causal=causal,
                                         generator=torch.Generator().manual_seed(seed), **SMALL)
-        assert relative_error(approximation, exact) < ERROR_BOUNDS[inputs, causal]
+        assert approximates(approximation, exact, inputs, causal), (
+            relative_error(approximation, exact), F.cosine_similarity(approximation.flatten(), exact.flatten(), dim=0))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["non-causal", "causal"])
+@pytest.mark.parametrize("inputs", ["matched", "clustered", "random"])
+def test_error_bounds_reject_outputs_that_do_not_approximate(inputs, causal):
+    """The bounds above would catch a HyperAttention that returned nothing, a tenth of the answer, or
+    attention over the wrong values (where attention is concentrated enough for that to differ)."""
+    query, key, value = INPUTS[inputs]()
+    exact = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=SCALE)
+    assert approximates(exact, exact, inputs, causal)
+    assert not approximates(torch.zeros_like(exact), exact, inputs, causal)
+    assert not approximates(0.1 * exact, exact, inputs, causal)
+    if inputs != "random":  # nearly uniform attention over random values is nearly the same for any order
+        shuffled = value[:, :, torch.randperm(LENGTH, generator=torch.Generator().manual_seed(0))]
+        wrong = F.scaled_dot_product_attention(query, key, shuffled, is_causal=causal, scale=SCALE)
+        assert not approximates(wrong, exact, inputs, causal)
 
 
 def test_sampled_residual_is_consistent_more_samples_less_error():
@@ -177,7 +213,7 @@ def test_bfloat16_is_as_accurate_as_float32(causal):
     assert bfloat16.dtype == torch.bfloat16
     # Not close to the float32 approximation itself (0.2–0.26 apart): bf16 rounding moves some vectors across
     # a hyperplane into another bucket. As an approximation of exact attention it is as good (0.41–0.44).
-    assert relative_error(bfloat16.float(), exact) < ERROR_BOUNDS["matched", causal]
+    assert approximates(bfloat16, exact, "matched", causal)
 
 
 @pytest.mark.parametrize("length", [512, 515])
