@@ -110,7 +110,13 @@ def test_trainer_fine_tunes_xt_with_set_transform_and_top_k_metrics(tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4])
     metrics = trainer.evaluate()
-    assert 0.0 <= metrics["eval_top1"] <= metrics["eval_top5"] == 1.0  # 2 classes: top-5 counts everything
+    # The reported top-1 is the accuracy of the trained model's own predictions on the evaluation images, and
+    # the colour task is learnt: most are right (chance is 1/2).
+    predictions = trainer.predict(eval_dataset)
+    accuracy = float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())
+    assert metrics["eval_top1"] == pytest.approx(accuracy)
+    assert metrics["eval_top1"] >= 0.75, metrics
+    assert metrics["eval_top5"] == 1.0  # 2 classes: top-5 counts everything
 
 
 def test_collator_pads_mixed_sizes_to_one_region_multiple():
