@@ -167,11 +167,19 @@ class RunsCode:
         return (print, ("unpickled",))
 
 
+class RunsOsCode:
+    """Unpickling this calls into `os` (a blocked module): the case that used to read "corrupt or truncated?"."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 @pytest.mark.parametrize(("payload", "offender"), [
     (NotATensor, r"test_conversion\.NotATensor"),
     (RunsCode, r"builtins\.print"),
-], ids=["custom-class", "reduce-to-function"])
+    (RunsOsCode, r"(posix|nt)\.getcwd"),
+], ids=["custom-class", "reduce-to-function", "reduce-to-os-function"])
 def test_pickle_that_needs_code_is_refused_naming_the_global(tmp_path, payload, offender, legacy):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"x": payload()}}, path, _use_new_zipfile_serialization=not legacy)
