@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput, SemanticSegmenterOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, auto_docstring, can_return_tuple
 
 from .configuration_xt import XTConfig
 from .context_encoder import ContextEncoding, XTContextEncoder
@@ -43,6 +43,7 @@ class XTModelOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+@auto_docstring
 class XTPreTrainedModel(PreTrainedModel):
     config: XTConfig
     config_class = XTConfig
@@ -96,6 +97,7 @@ class XTPreTrainedModel(PreTrainedModel):
             backbone.embeddings.patch_embeddings.num_channels = num_channels
 
 
+@auto_docstring
 class XTModel(XTPreTrainedModel):
     """The xT encoder: returns context-encoded tokens of the whole image and a pooled state."""
 
@@ -107,13 +109,14 @@ class XTModel(XTPreTrainedModel):
         self.hidden_size = config.context_hidden_size if self.context_encoder is not None else channels
         self.post_init()
 
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_region_features: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> XTModelOutput | tuple:
         r"""
@@ -125,7 +128,6 @@ class XTModel(XTPreTrainedModel):
         """
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         self._check_pixel_values(pixel_values)
         rows, cols = region_grid_shape(*pixel_values.shape[-2:], self.config.region_size)
@@ -137,7 +139,7 @@ class XTModel(XTPreTrainedModel):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
     def encode_context(
         self,
@@ -226,6 +228,7 @@ class XTContextHead(nn.Module):
         return self.out_proj(self.layernorm(pooled))
 
 
+@auto_docstring
 class XTForImageClassification(XTPreTrainedModel):
     """xT with a classification head on the pooled state (`classifier="pool"` or `"context"`)."""
 
@@ -237,13 +240,14 @@ class XTForImageClassification(XTPreTrainedModel):
         self.classifier = head(config, self.xt.hidden_size)
         self.post_init()
 
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
         r"""
@@ -251,7 +255,6 @@ class XTForImageClassification(XTPreTrainedModel):
             Class indices (single-label), multi-hot targets (multi-label) or values (regression, `num_labels == 1`),
             chosen by `config.problem_type` as in every transformers classification head.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.xt(
             pixel_values,
             output_hidden_states=output_hidden_states,
@@ -262,10 +265,9 @@ class XTForImageClassification(XTPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config, **kwargs)
-        output = ImageClassifierOutput(
+        return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict else output.to_tuple()
 
     def logits_from_context(self, encoded: XTModelOutput) -> torch.Tensor:
         """The head's part of the forward: `(batch, num_labels)` logits from the context encoding alone (what a
@@ -273,6 +275,7 @@ class XTForImageClassification(XTPreTrainedModel):
         return self.classifier(encoded.pooler_output)
 
 
+@auto_docstring
 class XTForSemanticSegmentation(XTPreTrainedModel):
     """xT with a per-region U-Net decoder: multi-scale region features plus context-encoded tokens → logits.
 
@@ -286,13 +289,14 @@ class XTForSemanticSegmentation(XTPreTrainedModel):
         self.decoder = XTSegmentationDecoder(config, self.xt.region_encoder.channels, context_channels)
         self.post_init()
 
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> SemanticSegmenterOutput | tuple:
         r"""
@@ -300,7 +304,6 @@ class XTForSemanticSegmentation(XTPreTrainedModel):
             Class index per pixel at the input's resolution; `config.semantic_loss_ignore_index` marks pixels
             without a label. The loss is cross-entropy (plus soft Dice with `semantic_loss_dice_weight`).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         height, width = pixel_values.shape[-2:]
         if labels is not None and tuple(labels.shape) != (pixel_values.shape[0], height, width):
             raise ValueError(
@@ -323,10 +326,9 @@ class XTForSemanticSegmentation(XTPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.segmentation_loss(logits, labels)
-        output = SemanticSegmenterOutput(
+        return SemanticSegmenterOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict else output.to_tuple()
 
     def context_grid(self, tokens: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor | None:
         """Context-encoded tokens `(batch, H_S·W_S, D)` put back on the deepest stitched stage's grid of
