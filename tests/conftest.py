@@ -70,7 +70,7 @@ def fresh_accelerate_state():
 
 
 def train_script_arguments(dataset, model, output_dir, settings: dict) -> list[str]:
-    """Command-line arguments of `xt_hf.train` for these paths, each setting as `--set key=value`."""
+    """Command-line arguments of `xt-hf train` (`xt_hf.training`) for these paths, each setting as `--set key=value`."""
     arguments = ["--model", str(model), "--dataset", str(dataset), "--output-dir", str(output_dir)]
     for key, value in settings.items():
         arguments += ["--set", f"{key}={'null' if value is None else value}"]

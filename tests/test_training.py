@@ -1,4 +1,4 @@
-"""Fine-tuning: `transformers.Trainer`, the Accelerate script `xt_hf.train`, bad-data errors."""
+"""Fine-tuning: `transformers.Trainer`, the Accelerate script `xt_hf.training`, bad-data errors."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def test_script_loss_falls_and_best_model_loads_with_auto_classes(saved_dataset,
                                                                   fresh_accelerate_state):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from xt_hf.train import main
+    from xt_hf.training.command import main
 
     output_dir = tmp_path / "run"
     metrics = main(script_arguments(saved_dataset, model_config_file, output_dir, max_steps=15, eval_steps=5))
@@ -172,7 +172,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(saved_dataset
     cycle of the data order) and must end bit-identical to a run that was never interrupted."""
     from accelerate.state import AcceleratorState
 
-    import xt_hf.train as train_module
+    import xt_hf.training.command as train_module
     import xt_hf.training.loop as loop_module
 
     # 18 images in batches of 2 with 2-step accumulation: 5 steps per epoch, the last of a single batch.
@@ -213,7 +213,7 @@ def test_two_processes_on_cpu_end_with_identical_weights(saved_dataset, model_co
     # `accelerate launch` starts the processes (torchrun underneath); `cpu=true` makes Accelerate join them over gloo.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29517", "-m", "xt_hf.train",
+               "29517", "-m", "xt_hf.training",
                *script_arguments(saved_dataset, model_config_file, output_dir, max_steps=4, checkpointing_steps=None,
                                  verify_replicas=True, batch_size=3, cpu=True)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
@@ -267,7 +267,7 @@ def test_image_smaller_than_a_region_error_names_the_sample(saved_dataset, model
     from datasets import ClassLabel, Dataset, Features
     from datasets import Image as ImageFeature
 
-    from xt_hf.train import main
+    from xt_hf.training.command import main
 
     images, labels = colour_images(6, seed=0)
     images[4] = images[4][: REGION - 7]
@@ -361,7 +361,7 @@ def test_unknown_setting_fails_with_a_suggestion(tmp_path, source):
 def test_train_command_registers_on_the_xt_hf_parser():
     import argparse
 
-    import xt_hf.train as train_module
+    import xt_hf.training.command as train_module
     from xt_hf.training import config_from_arguments
 
     parser = argparse.ArgumentParser(prog="xt-hf")

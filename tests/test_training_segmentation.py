@@ -257,7 +257,7 @@ def test_script_trains_a_segmenter_and_keeps_the_best_by_mean_iou(coastline_data
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
     from xt_hf.synthetic_segmentation import evaluate_saved_model, generate_sample, sample_rng
-    from xt_hf.train import main
+    from xt_hf.training.command import main
 
     output_dir = tmp_path / "run"
     metrics = main(script_arguments(coastline_data, segmenter_config_file, output_dir, max_steps=12, eval_steps=4,
@@ -297,7 +297,7 @@ def test_resumed_segmentation_run_ends_with_the_weights_of_an_uninterrupted_run(
     and ends bit-identical to a run that was never interrupted."""
     from accelerate.state import AcceleratorState
 
-    import xt_hf.train as train_module
+    import xt_hf.training.command as train_module
     import xt_hf.training.loop as loop_module
 
     settings = dict(batch_size=2, gradient_accumulation_steps=2, max_steps=5, checkpointing_steps=2,

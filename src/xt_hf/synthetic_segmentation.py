@@ -214,14 +214,14 @@ def evaluate_saved_model(
     from datasets import load_from_disk
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-    from . import training_utils
+    from . import training
 
     model = AutoModelForSemanticSegmentation.from_pretrained(model_path).eval()
     processor = AutoImageProcessor.from_pretrained(model_path)
     num_labels, ignore = model.config.num_labels, model.config.semantic_loss_ignore_index
-    dataset = training_utils.prepare_segmentation_dataset(
+    dataset = training.prepare_segmentation_dataset(
         load_from_disk(dataset_path)[split], processor, num_labels=num_labels, ignore_index=ignore)
-    collate = training_utils.SegmentationPaddingCollator(processor.region_size, processor.pad_value, ignore)
+    collate = training.SegmentationPaddingCollator(processor.region_size, processor.pad_value, ignore)
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
     vessels = {"region_shows_land": [0, 0], "region_shows_no_land": [0, 0]}  # [correct, total]
     with torch.no_grad():
@@ -229,8 +229,8 @@ def evaluate_saved_model(
             indices = range(start, min(start + batch_size, len(dataset)))
             batch = collate([dataset[i] for i in indices])
             logits = model(pixel_values=batch["pixel_values"]).logits
-            predictions = training_utils.logits_to_class_maps(logits, batch["labels"].shape[-2:])
-            confusion += training_utils.confusion_matrix(predictions, batch["labels"], num_labels, ignore)
+            predictions = training.logits_to_class_maps(logits, batch["labels"].shape[-2:])
+            confusion += training.confusion_matrix(predictions, batch["labels"], num_labels, ignore)
             if seed is None:
                 continue
             for index, prediction in zip(indices, predictions.numpy()):
@@ -243,7 +243,7 @@ def evaluate_saved_model(
                 for key, correct in _score_vessels(sample, prediction, processor.region_size):
                     vessels[key][0] += correct
                     vessels[key][1] += 1
-    metrics = training_utils.metrics_from_confusion(confusion)
+    metrics = training.metrics_from_confusion(confusion)
     names = [model.config.id2label[i] for i in range(num_labels)]
     report = {"split": split, "images": len(dataset), "mean_iou": float(metrics["mean_iou"]),
               "overall_accuracy": float(metrics["overall_accuracy"]),

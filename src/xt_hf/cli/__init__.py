@@ -18,7 +18,7 @@ COMMAND_MODULES = {
     "demo": "xt_hf.cli.demo",
     "predict": "xt_hf.cli.predict",
     "segment": "xt_hf.cli.segment",
-    "train": "xt_hf.train",
+    "train": "xt_hf.training.command",
 }
 
 

@@ -1,6 +1,6 @@
 """`xt-hf demo`: the packaged demo model predicts where the red markers lie relative to the blue ones.
 
-The model (`xt_hf/demo_model/`, safetensors) is a small xT trained with `xt_hf.train` on the synthetic
+The model (`xt_hf/demo_model/`, safetensors) is a small xT trained with `xt-hf train` on the synthetic
 relation task of `xt_hf.synthetic`, a task whose answer needs context across regions (docs/fine-tuning.md
 reports it against the same backbone with a pooling head). By default it predicts a freshly generated
 held-out image, whose true label is known; `--image` predicts a file instead.

@@ -1,4 +1,4 @@
-"""The `xt-hf train` command (also `python -m xt_hf.train`, `accelerate launch -m xt_hf.train`)."""
+"""The `xt-hf train` command (also `python -m xt_hf.training`, `accelerate launch -m xt_hf.training`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ EPILOG = ("Settings come from the --config file, then flags, then --set; later s
 def add_parser(subparsers) -> None:
     """Register `xt-hf train` on the `xt-hf` command's sub-parsers; its `run` trains."""
     parser = subparsers.add_parser(
-        "train", help="fine-tune an xT classifier or segmenter (Accelerate; also `accelerate launch -m xt_hf.train`)",
+        "train", help="fine-tune an xT classifier or segmenter (Accelerate; also `accelerate launch -m xt_hf.training`)",
         description=DESCRIPTION, epilog=EPILOG, parents=[train_argument_parser(add_help=False)],
     )
     parser.set_defaults(run=run)
@@ -27,7 +27,7 @@ def run(arguments: argparse.Namespace) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    parser = train_argument_parser(prog="python -m xt_hf.train", description=DESCRIPTION, epilog=EPILOG)
+    parser = train_argument_parser(prog="python -m xt_hf.training", description=DESCRIPTION, epilog=EPILOG)
     return run(parser.parse_args(argv))
 
 
