@@ -311,6 +311,24 @@ class XTImageProcessorMixin:
                         f"channel (a processor built with image_mean and image_std of n values has num_channels=n)."
                     )
 
+    def _normalized_images(self, images: list, *, region_size: int, do_resize: bool, size: SizeDict | None, resample,
+                           do_rescale: bool, rescale_factor: float | None, do_normalize: bool, image_mean, image_std,
+                           num_channels: int) -> list:
+        """Each `(channels, height_i, width_i)` image checked, resized (with `do_resize`, by the backend's own
+        `resize`) and normalised by `normalize_pixels`: the step both backends share."""
+        processed = []
+        for index, image in enumerate(images):
+            _check_image(image, index, region_size, num_channels, check_size=not do_resize)
+            factor = self._rescale_factor_for(image, rescale_factor, do_rescale)
+            if do_resize:
+                height, width = _resized_size(*image.shape[-2:], region_size, size)
+                image = self.resize(image, SizeDict(height=height, width=width), resample=resample)
+            processed.append(normalize_pixels(
+                image, image_mean=image_mean, image_std=image_std, rescale_factor=factor, do_rescale=do_rescale,
+                do_normalize=do_normalize, input_data_format=ChannelDimension.FIRST,
+            ))
+        return processed
+
     def _rescale_factor_for(self, image, rescale_factor: float | None, do_rescale: bool) -> float | None:
         """The factor for one image (before resizing, which makes it float), warning about likely mistakes."""
         if not do_rescale:
@@ -475,17 +493,11 @@ class XTImageProcessor(XTImageProcessorMixin, PilBackend):
         **kwargs,
     ) -> BatchFeature:
         """`(channels, height_i, width_i)` arrays -> `pixel_values` `(batch, channels, H, W)`, see `preprocess`."""
-        processed = []
-        for index, image in enumerate(images):
-            _check_image(image, index, region_size, num_channels, check_size=not do_resize)
-            factor = self._rescale_factor_for(image, rescale_factor, do_rescale)
-            if do_resize:
-                height, width = _resized_size(*image.shape[-2:], region_size, size)
-                image = self.resize(image, SizeDict(height=height, width=width), resample=resample)
-            processed.append(normalize_pixels(
-                image, image_mean=image_mean, image_std=image_std, rescale_factor=factor, do_rescale=do_rescale,
-                do_normalize=do_normalize, input_data_format=ChannelDimension.FIRST,
-            ))
+        processed = self._normalized_images(
+            images, region_size=region_size, do_resize=do_resize, size=size, resample=resample, do_rescale=do_rescale,
+            rescale_factor=rescale_factor, do_normalize=do_normalize, image_mean=image_mean, image_std=image_std,
+            num_channels=num_channels,
+        )
         if do_pad:
             processed = self.pad(processed, pad_size=self._padded_size(processed, region_size), fill_value=pad_value)
         else:

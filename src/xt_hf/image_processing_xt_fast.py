@@ -14,12 +14,9 @@ from transformers.utils import TensorType, is_torchvision_available
 
 from .image_processing_xt import (
     XTImageProcessorMixin,
-    _check_image,
     _check_stackable,
-    _resized_size,
     _to_channels_first,
     channels_first_array,
-    normalize_pixels,
     resize_channels_with_pil,
 )
 
@@ -95,17 +92,11 @@ class XTImageProcessorFast(XTImageProcessorMixin, TorchvisionBackend):
         **kwargs,
     ) -> BatchFeature:
         """`(channels, height_i, width_i)` tensors -> `pixel_values` `(batch, channels, H, W)`, see `preprocess`."""
-        processed = []
-        for index, image in enumerate(images):
-            _check_image(image, index, region_size, num_channels, check_size=not do_resize)
-            factor = self._rescale_factor_for(image, rescale_factor, do_rescale)
-            if do_resize:
-                height, width = _resized_size(*image.shape[-2:], region_size, size)
-                image = self.resize(image, SizeDict(height=height, width=width), resample=resample)
-            processed.append(normalize_pixels(
-                image, image_mean=image_mean, image_std=image_std, rescale_factor=factor, do_rescale=do_rescale,
-                do_normalize=do_normalize, input_data_format=ChannelDimension.FIRST,
-            ))
+        processed = self._normalized_images(
+            images, region_size=region_size, do_resize=do_resize, size=size, resample=resample, do_rescale=do_rescale,
+            rescale_factor=rescale_factor, do_normalize=do_normalize, image_mean=image_mean, image_std=image_std,
+            num_channels=num_channels,
+        )
         if do_pad:
             pad_size = self._padded_size(processed, region_size)
             processed = [_pad_bottom_right(image, pad_size, pad_value) for image in processed]

@@ -30,6 +30,16 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every whole-scene command shares: batching, reading, device, precision, spilling."""
+    parser.add_argument("--region-batch-size", type=positive_int, default=16)
+    parser.add_argument("--num-workers", type=non_negative_int, default=0, help="background processes reading regions")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--spill-dir", help="CPU: keep the context encoder's token buffers in files in this directory "
+                        "(memory then holds chunks; the disk needs about twice the token grid)")
+
+
 def resolve_device(name: str):
     """`auto` → CUDA when available, else CPU; a device that is not there is a usage error."""
     import torch

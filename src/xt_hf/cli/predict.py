@@ -9,7 +9,7 @@ import resource
 import time
 
 from ..nested_tokenization import region_grid_shape
-from .common import (check_spill_directory, fail, load_for_inference, non_negative_int, positive_int,
+from .common import (add_streaming_arguments, check_spill_directory, fail, load_for_inference, positive_int,
                      resolve_device)
 
 
@@ -17,12 +17,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("predict", help="classify a large image, streaming its regions from disk")
     parser.add_argument("image", help="TIFF/BigTIFF, .npy, zarr, whole-slide image, PNG/JPEG")
     parser.add_argument("--model", required=True, help="local folder or Hub id of an xT classifier")
-    parser.add_argument("--region-batch-size", type=positive_int, default=16)
-    parser.add_argument("--num-workers", type=non_negative_int, default=0, help="background processes reading regions")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--spill-dir", help="CPU: keep the context encoder's token buffers in files in this directory "
-                        "(memory then holds chunks; the disk needs about twice the token grid)")
+    add_streaming_arguments(parser)
     parser.add_argument("--top-k", type=positive_int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.set_defaults(run=run)

@@ -6,8 +6,7 @@ import argparse
 import resource
 import time
 
-from .common import (check_spill_directory, fail, load_for_inference, non_negative_int, positive_int,
-                     resolve_device)
+from .common import add_streaming_arguments, check_spill_directory, fail, load_for_inference, resolve_device
 
 
 def add_parser(subparsers) -> None:
@@ -15,12 +14,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("image", help="TIFF/BigTIFF, .npy, zarr, whole-slide image, PNG/JPEG")
     parser.add_argument("--model", required=True, help="local folder or Hub id of an XTForSemanticSegmentation")
     parser.add_argument("--output", required=True, help="class map to write: .tif (tiled) or .zarr")
-    parser.add_argument("--region-batch-size", type=positive_int, default=16)
-    parser.add_argument("--num-workers", type=non_negative_int, default=0, help="background processes reading regions")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--spill-dir", help="CPU: keep the context encoder's token buffers in files in this directory "
-                        "(memory then holds chunks; the disk needs about twice the token grid)")
+    add_streaming_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.set_defaults(run=run)
 
