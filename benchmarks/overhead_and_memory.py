@@ -56,7 +56,7 @@ def timed(function, device) -> float:
 
 def measure_overhead(side: int, repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
     from xt_hf import XTForImageClassification
-    from xt_hf.nested_tokenization import nested_tokenize
+    from xt_hf.nested_tokenization import nested_tokenize, region_batches
 
     torch.manual_seed(0)
     plain = XTForImageClassification(swin_t_xt_config(context=False, region_batch_size=16)).to(device, dtype).eval()
@@ -64,7 +64,8 @@ def measure_overhead(side: int, repeats: int, device: torch.device, dtype: torch
     released.xt.region_encoder.load_state_dict(plain.xt.region_encoder.state_dict())
     backbone = plain.xt.region_encoder.backbone
     pixel_values = torch.randn(1, 3, side, side, device=device, dtype=dtype)
-    regions = nested_tokenize(pixel_values, 256)
+    (every_region,) = region_batches(1, side // 256, side // 256, None)
+    regions = nested_tokenize(pixel_values, every_region)
 
     def backbone_alone():
         for start in range(0, len(regions), 16):

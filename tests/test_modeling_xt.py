@@ -10,7 +10,7 @@ from conftest import REGION, tiny_backbone_config, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from xt_hf import XTConfig, XTForImageClassification, XTModel
-from xt_hf.nested_tokenization import nested_tokenize, stitch_regions
+from xt_hf.nested_tokenization import nested_tokenize, region_batches, stitch_regions
 from xt_hf.position_embedding import sincos_1d, sincos_2d_position_embedding
 
 
@@ -60,11 +60,15 @@ def test_padding_is_zero_at_bottom_and_right():
 
 def test_nested_tokenization_is_image_major_then_row_major_and_stitch_inverts_it():
     images = torch.arange(2 * 1 * 4 * 6, dtype=torch.float32).view(2, 1, 4, 6)
-    regions = nested_tokenize(images, 2)
+    (index,) = region_batches(2, 2, 3, None)
+    regions = nested_tokenize(images, index)
     assert regions.shape == (2 * 2 * 3, 1, 2, 2)
     torch.testing.assert_close(regions[4], images[0, :, 2:4, 2:4])  # image 0, region row 1, column 1
     torch.testing.assert_close(regions[6], images[1, :, 0:2, 0:2])
-    torch.testing.assert_close(stitch_regions(regions, rows=2, cols=3), images)
+    stitched = torch.full_like(images, float("nan"))
+    for part in region_batches(2, 2, 3, 5):  # batches of 5 regions: 5, 5, 2
+        stitch_regions(stitched, part, nested_tokenize(images, part))
+    torch.testing.assert_close(stitched, images, rtol=0, atol=0)
 
 
 def test_region_encoder_sees_each_region_independently():
@@ -436,3 +440,22 @@ def test_invalid_config_names_the_field(overrides, field):
     arguments.update(overrides)
     with pytest.raises(ValueError, match=field):
         XTConfig(**arguments)
+
+
+@pytest.mark.parametrize("family", ["swinv2", "hiera", "convnext"])
+def test_input_embeddings_are_the_region_encoders_first_layer(family):
+    """`get_input_embeddings` (used by transformers' generic tooling) is the layer every region enters through."""
+    model = XTForImageClassification(tiny_config(family))
+    embeddings = model.get_input_embeddings()
+    backbone = model.xt.region_encoder.backbone
+    assert any(module is embeddings for module in backbone.embeddings.modules())
+    assert model.xt.get_input_embeddings() is embeddings
+
+
+def test_without_a_context_encoder_hidden_states_hold_the_stitched_tokens():
+    model = build(context_encoder="none", classifier="pool")
+    with torch.no_grad():
+        outputs = model(torch.randn(1, 3, REGION, 2 * REGION), output_hidden_states=True)
+        tokens = model.xt(torch.randn(1, 3, REGION, 2 * REGION)).last_hidden_state
+    (hidden,) = outputs.hidden_states
+    assert hidden.shape == tokens.shape

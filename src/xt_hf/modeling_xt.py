@@ -15,7 +15,13 @@ from transformers.utils import ModelOutput, auto_docstring, can_return_tuple
 from .configuration_xt import XTConfig
 from .context_encoder import ContextEncoding, XTContextEncoder
 from .context_mamba import XTMambaMixer
-from .nested_tokenization import pad_to_region_multiple, region_batches, region_grid_shape
+from .nested_tokenization import (
+    nested_tokenize,
+    pad_to_region_multiple,
+    region_batches,
+    region_grid_shape,
+    stitch_regions,
+)
 from .region_encoder import XTRegionEncoder
 from .segmentation_decoder import XTSegmentationDecoder
 
@@ -31,7 +37,8 @@ class XTModelOutput(ModelOutput):
     region_feature_maps (`tuple(torch.FloatTensor)`, *optional*, returned with `output_region_features=True`):
         One stitched `(batch_size, channels, rows·h, cols·w)` map per `backbone_config.out_features` stage.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
-        The context encoder's input and each block's output `(batch_size, tokens, hidden_size)` (CLS included).
+        The context encoder's input and each block's output `(batch_size, tokens, hidden_size)` (CLS included);
+        without a context encoder, the stitched tokens alone.
     attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True` and eager attention):
         Attention weights of each context block.
     """
@@ -109,6 +116,14 @@ class XTModel(XTPreTrainedModel):
         self.hidden_size = config.context_hidden_size if self.context_encoder is not None else channels
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The region encoder's patch embedding (its first layer), which every region goes through."""
+        backbone = self.region_encoder.backbone
+        try:
+            return backbone.get_input_embeddings()
+        except (NotImplementedError, AttributeError):  # e.g. a timm backbone: its stem
+            return next(module for module in backbone.modules() if isinstance(module, nn.Conv2d))
+
     @can_return_tuple
     @auto_docstring
     def forward(
@@ -155,7 +170,9 @@ class XTModel(XTPreTrainedModel):
         """
         grid = region_feature_maps[-1]
         if self.context_encoder is None:
-            encoding = ContextEncoding(tokens=grid.flatten(2).transpose(1, 2), cls_state=None)
+            tokens = grid.flatten(2).transpose(1, 2)
+            # No blocks: the only hidden state is the sequence itself.
+            encoding = ContextEncoding(tokens=tokens, cls_state=None, hidden_states=(tokens,) if output_hidden_states else None)
         else:
             encoding = self.context_encoder(
                 grid, output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions)
@@ -355,13 +372,14 @@ class XTForSemanticSegmentation(XTPreTrainedModel):
         for index in region_batches(region_feature_maps[0].shape[0], rows, cols, self.config.region_batch_size):
             index = index.to(region_feature_maps[0].device)
             region_logits = self.decode_regions(
-                [index.gather(stage) for stage in region_feature_maps], None if context is None else index.gather(context)
+                [nested_tokenize(stage, index) for stage in region_feature_maps],
+                None if context is None else nested_tokenize(context, index),
             )
             if logits is None:
                 side = region_logits.shape[-1]
                 logits = region_logits.new_empty(region_feature_maps[0].shape[0], region_logits.shape[1],
                                                  rows * side, cols * side)
-            index.scatter(logits, region_logits)
+            stitch_regions(logits, index, region_logits)
         return logits
 
     def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

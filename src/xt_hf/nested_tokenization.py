@@ -2,7 +2,8 @@
 
 Both directions use the same strided view, `(batch, C, rows·h, cols·w) <-> (batch, rows, cols, C, h, w)`
 (einops: `b c (rows h) (cols w) -> b rows cols c h w`), so neither the image nor the stitched feature map
-is ever copied as a whole: regions are gathered and scattered a chunk at a time.
+is ever copied as a whole: `nested_tokenize` cuts out and `stitch_regions` writes back a batch of regions
+(`RegionIndex`, from `region_batches`) at a time.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def region_index(flat_index: torch.Tensor, rows: int, cols: int) -> tuple[torch.
 class RegionIndex:
     """Which regions of a `rows × cols` grid a batch holds: image, region row and region column, `(n,)` each.
 
-    `gather` reads those regions out of any map laid over the grid (the image, a stage's stitched features,
-    the context tokens, the logits) and `scatter` writes them back, whatever the map's resolution.
+    `nested_tokenize` reads those regions out of any map laid over the grid and `stitch_regions` writes them
+    back, whatever the map's resolution.
     """
 
     image: torch.Tensor
@@ -66,19 +67,23 @@ class RegionIndex:
     def __len__(self) -> int:
         return len(self.row)
 
-    def gather(self, grid: torch.Tensor) -> torch.Tensor:
-        """`(batch, C, rows·h, cols·w)` → the batch's regions `(n, C, h, w)`."""
-        return self._view(grid)[self.image, self.row, self.col]
-
-    def scatter(self, grid: torch.Tensor, regions: torch.Tensor) -> None:
-        """Write the batch's regions `(n, C, h, w)` into their places of `(batch, C, rows·h, cols·w)`."""
-        self._view(grid)[self.image, self.row, self.col] = regions
-
     def to(self, device: torch.device | str) -> RegionIndex:
         return RegionIndex(self.image.to(device), self.row.to(device), self.col.to(device), self.rows, self.cols)
 
-    def _view(self, grid: torch.Tensor) -> torch.Tensor:
-        return as_region_grid(grid, grid.shape[2] // self.rows, grid.shape[3] // self.cols)
+
+def nested_tokenize(grid: torch.Tensor, index: RegionIndex) -> torch.Tensor:
+    """Cut the regions `index` names out of `(batch, C, rows·h, cols·w)`: `(n, C, h, w)`.
+
+    `grid` is anything laid over the region grid: the padded image, a stage's stitched features, the
+    context tokens on the grid, the logits. Only these regions are copied, never the whole image.
+    """
+    return as_region_grid(grid, grid.shape[2] // index.rows, grid.shape[3] // index.cols)[index.image, index.row, index.col]
+
+
+def stitch_regions(grid: torch.Tensor, index: RegionIndex, regions: torch.Tensor) -> None:
+    """Write regions' maps `(n, C, h, w)` into their places of the stitched `(batch, C, rows·h, cols·w)`:
+    the inverse of `nested_tokenize`."""
+    as_region_grid(grid, grid.shape[2] // index.rows, grid.shape[3] // index.cols)[index.image, index.row, index.col] = regions
 
 
 def region_batches(
@@ -96,20 +101,3 @@ def new_stitched_grids(feature_maps: tuple[torch.Tensor, ...], batch: int, rows:
     """Uninitialised `(batch, C_s, rows·h_s, cols·w_s)` grids shaped after one batch of regions' `(n, C_s, h_s, w_s)`
     maps, for `RegionIndex.scatter` to fill."""
     return [f.new_empty(batch, f.shape[1], rows * f.shape[2], cols * f.shape[3]) for f in feature_maps]
-
-
-def nested_tokenize(pixel_values: torch.Tensor, region_size: int) -> torch.Tensor:
-    """Cut `(batch, C, rows·R, cols·R)` into `(batch·rows·cols, C, R, R)`, image-major then row-major.
-
-    Materialises every region at once; the model itself gathers regions chunk by chunk instead.
-    """
-    regions = as_region_grid(pixel_values, region_size, region_size)
-    return regions.reshape(-1, *regions.shape[3:])
-
-
-def stitch_regions(region_features: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Inverse of `nested_tokenize` for feature maps: `(batch·rows·cols, C, h, w) -> (batch, C, rows·h, cols·w)`."""
-    total, channels, height, width = region_features.shape
-    batch = total // (rows * cols)
-    grid = region_features.view(batch, rows, cols, channels, height, width).permute(0, 3, 1, 4, 2, 5)
-    return grid.reshape(batch, channels, rows * height, cols * width)

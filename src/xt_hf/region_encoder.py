@@ -12,7 +12,7 @@ from transformers import AutoBackbone
 from transformers.models.hiera.modeling_hiera import unroll as hiera_unroll
 
 from .configuration_xt import XTConfig
-from .nested_tokenization import RegionIndex, new_stitched_grids, region_batches
+from .nested_tokenization import RegionIndex, nested_tokenize, new_stitched_grids, region_batches, stitch_regions
 
 
 @dataclass
@@ -55,7 +55,7 @@ class XTRegionEncoder(nn.Module):
             if stitched is None:
                 stitched = new_stitched_grids(feature_maps, pixel_values.shape[0], rows, cols)
             for grid, features in zip(stitched, feature_maps):
-                index.scatter(grid, features)
+                stitch_regions(grid, index, features)
         return stitched
 
     def region_feed(self, pixel_values: torch.Tensor, rows: int, cols: int) -> Iterator[RegionBatch]:
@@ -75,7 +75,7 @@ class XTRegionEncoder(nn.Module):
             for index in region_batches(pixel_values.shape[0], rows, cols, self.config.region_batch_size,
                                         order=selected):
                 index = index.to(pixel_values.device)
-                yield RegionBatch(index.gather(pixel_values), index, with_gradient)
+                yield RegionBatch(nested_tokenize(pixel_values, index), index, with_gradient)
 
     def encode_batches(self, batches: Iterable[RegionBatch]) -> Iterator[tuple[RegionIndex, tuple[torch.Tensor, ...]]]:
         """The region loop: each batch's `(n, C_s, h_s, w_s)` stage maps, with the batch's places.

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..modeling_xt import XTModelOutput
-from ..nested_tokenization import RegionIndex, new_stitched_grids
+from ..nested_tokenization import RegionIndex, new_stitched_grids, stitch_regions
 from ..region_encoder import RegionBatch
 from .context import encode_in_place, new_token_buffer
 from .heads import ContextHead, RegionHead, require_head
@@ -81,7 +81,7 @@ def encode_regions_streaming(
         if stitched is None:
             stitched = new_stitched_grids(feature_maps, 1, reader.rows, reader.cols)
         for grid, features in zip(stitched, feature_maps):
-            index.scatter(grid, features)
+            stitch_regions(grid, index, features)
     return stitched
 
 
