@@ -8,7 +8,7 @@ import torch
 
 from xt_hf.cli import main
 from xt_hf.cli.demo import DEMO_MODEL, DEMO_SPLIT, load_demo_model
-from xt_hf.synthetic import generate_sample, sample_rng
+from xt_hf.synthetic.relations import generate_sample, sample_rng
 
 
 def test_demo_weights_ship_as_small_safetensors():

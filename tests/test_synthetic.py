@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xt_hf.synthetic import BLUE, LABELS, RED, generate_dataset, generate_sample, relation_label, sample_rng
+from xt_hf.synthetic.relations import BLUE, LABELS, RED, generate_dataset, generate_sample, relation_label, sample_rng
 
 
 def colour_cells(image: np.ndarray, colour, region: int) -> set[tuple[int, int]]:
@@ -80,7 +80,7 @@ def test_evaluate_model_scores_a_saved_classifier_on_a_split(tmp_path):
     from conftest import tiny_backbone_config, tiny_config
 
     from xt_hf import XTForImageClassification, XTImageProcessor
-    from xt_hf.synthetic import evaluate_model
+    from xt_hf.synthetic.relations import evaluate_model
 
     options = dict(image_size=384, region_size=64, marker_radius=(8, 14), clutter_radius=(4, 12))
     generate_dataset(2, 5, **options).save_to_disk(tmp_path / "data")
@@ -106,7 +106,7 @@ def test_a_changed_generator_never_returns_cached_old_data(tmp_path):
     """`datasets` caches generated splits by fingerprint: the generator's code is part of it."""
     from datasets import Features, Value
 
-    from xt_hf.synthetic_datasets import generated_splits
+    from xt_hf.synthetic.splits import generated_splits
 
     generator = tmp_path / "generator.py"
     features = Features({"value": Value("int64")})

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from xt_hf.synthetic_segmentation import LABELS, _score_vessels, generate_dataset, generate_sample, sample_rng
+from xt_hf.synthetic.coastline import LABELS, _score_vessels, generate_dataset, generate_sample, sample_rng
 
 SMALL = dict(image_size=192, region_size=32)  # 6 × 6 regions: room for both vessel classes
 DEFAULT = dict(region_size=64)  # the generator's defaults: 512 px, near-shore below 2.5 regions, margin 0.25
@@ -158,7 +158,7 @@ def test_vessel_scoring_counts_each_vessel_once_by_whether_its_region_shows_land
 def test_command_line_generates_the_vessel_count_it_is_given(tmp_path):
     from datasets import load_from_disk
 
-    from xt_hf.synthetic_segmentation import main
+    from xt_hf.synthetic.coastline import main
 
     main(["--output", str(tmp_path), "--train", "1", "--validation", "0", "--test", "2", "--image-size", "256",
           "--region-size", "32", "--vessels", "3", "3"])
@@ -172,7 +172,7 @@ def test_command_line_generates_the_vessel_count_it_is_given(tmp_path):
 def test_command_line_passes_the_band_options_to_the_generator(tmp_path):
     from datasets import load_from_disk
 
-    from xt_hf.synthetic_segmentation import main
+    from xt_hf.synthetic.coastline import main
 
     main(["--output", str(tmp_path), "--train", "1", "--validation", "0", "--test", "1", "--image-size", "256",
           "--region-size", "32", "--vessels", "12", "20", "--near-distance", "3.5", "--margin", "0.5",

@@ -13,7 +13,7 @@ from conftest import REGION, tiny_backbone_config, tiny_config, train_script_arg
 from safetensors.torch import load_file
 
 from xt_hf import XTForSemanticSegmentation, XTImageProcessor
-from xt_hf.synthetic_segmentation import LABELS, generate_dataset
+from xt_hf.synthetic.coastline import LABELS, generate_dataset
 from xt_hf.training import (
     BadSampleError,
     SegmentationPaddingCollator,
@@ -179,7 +179,7 @@ def test_trainer_fine_tunes_xt_segmentation_and_reports_mean_iou_over_mixed_heig
     from datasets import concatenate_datasets
     from transformers import Trainer, TrainingArguments
 
-    from xt_hf.synthetic_segmentation import generate_sample, sample_rng
+    from xt_hf.synthetic.coastline import generate_sample, sample_rng
 
     model = XTForSemanticSegmentation(segmentation_config())
     processor = XTImageProcessor(region_size=REGION)
@@ -256,7 +256,7 @@ def test_script_trains_a_segmenter_and_keeps_the_best_by_mean_iou(coastline_data
                                                                    fresh_accelerate_state):
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-    from xt_hf.synthetic_segmentation import evaluate_saved_model, generate_sample, sample_rng
+    from xt_hf.synthetic.coastline import evaluate_saved_model, generate_sample, sample_rng
     from xt_hf.training.command import main
 
     output_dir = tmp_path / "run"

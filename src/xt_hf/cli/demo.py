@@ -1,7 +1,7 @@
 """`xt-hf demo`: the packaged demo model predicts where the red markers lie relative to the blue ones.
 
 The model (`xt_hf/demo_model/`, safetensors) is a small xT trained with `xt-hf train` on the synthetic
-relation task of `xt_hf.synthetic`, a task whose answer needs context across regions (docs/fine-tuning.md
+relation task of `xt_hf.synthetic.relations`, a task whose answer needs context across regions (docs/fine-tuning.md
 reports it against the same backbone with a pooling head). By default it predicts a freshly generated
 held-out image, whose true label is known; `--image` predicts a file instead.
 """
@@ -53,7 +53,7 @@ def add_parser(subparsers) -> None:
 def run(arguments: argparse.Namespace) -> dict:
     import torch
 
-    from ..synthetic import generate_sample, sample_rng
+    from ..synthetic.relations import generate_sample, sample_rng
 
     model, processor = load_demo_model()
     if not arguments.image and arguments.size < model.config.region_size:

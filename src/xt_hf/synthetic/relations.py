@@ -22,8 +22,8 @@ scratch on CPU: with discs of radius 20-32 px it stayed at chance for 250-300 st
 of three head and learning-rate variants; with the default 40-56 px it passed 95 % held-out accuracy
 after 200 such steps.
 
-    python -m xt_hf.synthetic --output data/relations --train 4000 --validation 256 --test 1000
-    python -m xt_hf.synthetic --evaluate outputs/relations_xt/best --data data/relations   # held-out top-1
+    python -m xt_hf.synthetic.relations --output data/relations --train 4000 --validation 256 --test 1000
+    python -m xt_hf.synthetic.relations --evaluate outputs/relations_xt/best --data data/relations   # held-out top-1
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .synthetic_datasets import generated_splits, sample_rng
+from .splits import generated_splits, sample_rng
 
 LABELS = ("above-left", "above-right", "below-left", "below-right")
 RED = (220, 30, 30)
@@ -225,7 +225,7 @@ def evaluate_model(model_path: str, data_path: str, split: str = "test", batch_s
     from datasets import load_from_disk
     from transformers import AutoModelForImageClassification
 
-    from .image_processing_xt import XTImageProcessor
+    from ..image_processing_xt import XTImageProcessor
 
     model = AutoModelForImageClassification.from_pretrained(model_path).eval()
     processor = XTImageProcessor.from_pretrained(model_path)

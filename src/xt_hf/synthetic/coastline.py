@@ -24,7 +24,7 @@ hold more vessels per region, and a region with two vessels would hint "near-sho
 Generation is deterministic per (seed, split, index) and has no rejection loop: vessel positions are drawn
 from the finite list of admissible grid points, shuffled once.
 
-    python -m xt_hf.synthetic_segmentation --output data/coastline --train 400 --validation 64 --test 128
+    python -m xt_hf.synthetic.coastline --output data/coastline --train 400 --validation 64 --test 128
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .synthetic_datasets import generated_splits, sample_rng
+from .splits import generated_splits, sample_rng
 
 LABELS = ("background", "near-shore vessel", "offshore vessel")
 SEA = (25, 70, 120)
@@ -214,7 +214,7 @@ def evaluate_saved_model(
     from datasets import load_from_disk
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-    from . import training
+    from .. import training
 
     model = AutoModelForSemanticSegmentation.from_pretrained(model_path).eval()
     processor = AutoImageProcessor.from_pretrained(model_path)
