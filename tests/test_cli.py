@@ -232,3 +232,24 @@ def test_a_bad_input_from_a_new_process_is_one_line_and_status_2(folders, tmp_pa
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "XTForImageClassification" in lines[0]
+
+
+def test_rescale_factor_sets_how_raw_pixels_are_scaled(folders, tmp_path, capsys):
+    """A uint16 scene is scaled by 1/65535 by default (the uint8 scene's numbers); `--rescale-factor` overrides it."""
+    import json
+
+    image = np.load(folders / "image.npy")
+    np.save(tmp_path / "image16.npy", image.astype(np.uint16) * 257)
+
+    def scores(path, *extra):
+        main(["predict", str(path), "--model", str(folders / "classifier"), "--json", "--top-k", "5", *extra])
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        return {p["label"]: p["score"] for p in report["predictions"]}
+
+    as_uint8 = scores(folders / "image.npy")
+    by_dtype = scores(tmp_path / "image16.npy")
+    assert by_dtype == pytest.approx(as_uint8, abs=1e-6)
+    overridden = scores(tmp_path / "image16.npy", "--rescale-factor", str(1 / 255))
+    assert overridden != pytest.approx(as_uint8, abs=1e-3)
+    fails_with(capsys, ["predict", str(folders / "image.npy"), "--model", str(folders / "classifier"),
+                        "--rescale-factor", "-1"], "--rescale-factor")

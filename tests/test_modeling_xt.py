@@ -459,3 +459,12 @@ def test_without_a_context_encoder_hidden_states_hold_the_stitched_tokens():
         tokens = model.xt(torch.randn(1, 3, REGION, 2 * REGION)).last_hidden_state
     (hidden,) = outputs.hidden_states
     assert hidden.shape == tokens.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.float64])
+def test_pixel_values_of_the_wrong_dtype_are_named(dtype):
+    """Raw integer pixels, or float64 ones for a float32 model, fail before the backbone's first convolution."""
+    model = build()
+    pixel_values = torch.zeros(1, 3, REGION, REGION).to(dtype)
+    with pytest.raises(ValueError, match=str(dtype).removeprefix("torch.")):
+        model(pixel_values)

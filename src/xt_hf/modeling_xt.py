@@ -196,6 +196,18 @@ class XTModel(XTPreTrainedModel):
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         """Fail early, naming the problem, instead of deep inside a backbone."""
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values are {pixel_values.dtype}, not normalised floats: pass the image through "
+                f"XTImageProcessor (or normalise it yourself) first."
+            )
+        weight = self.get_input_embeddings()
+        expected_dtype = next(weight.parameters()).dtype
+        if pixel_values.dtype != expected_dtype and not torch.is_autocast_enabled(pixel_values.device.type):
+            raise ValueError(
+                f"pixel_values are {pixel_values.dtype} but the model is {expected_dtype}: "
+                f"use pixel_values.to({expected_dtype}) (or load the model in {pixel_values.dtype})."
+            )
         if pixel_values.dim() != 4:
             raise ValueError(
                 f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}."

@@ -38,6 +38,24 @@ def add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--spill-dir", help="CPU: keep the context encoder's token buffers in files in this directory "
                         "(memory then holds chunks; the disk needs about twice the token grid)")
+    parser.add_argument("--rescale-factor", type=float, help="multiply raw pixels by this before normalising "
+                        "(default: the model's processor setting, else by data type: uint8 1/255, uint16 1/65535, "
+                        "floats taken as [0, 1])")
+
+
+def with_rescale_factor(processor, model, rescale_factor: float | None):
+    """The image processor to stream with: `--rescale-factor`, when given, replaces the processor's (or the
+    default processor's) rescaling."""
+    if rescale_factor is None:
+        return processor
+    if rescale_factor <= 0:
+        fail(f"--rescale-factor {rescale_factor}: must be positive")
+    if processor is None:
+        from ..image_processing_xt import XTImageProcessor
+
+        processor = XTImageProcessor(region_size=model.config.region_size)
+    processor.rescale_factor, processor.do_rescale = rescale_factor, True
+    return processor
 
 
 def resolve_device(name: str):

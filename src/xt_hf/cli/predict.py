@@ -9,8 +9,15 @@ import resource
 import time
 
 from ..nested_tokenization import region_grid_shape
-from .common import (add_streaming_arguments, check_spill_directory, fail, load_for_inference, positive_int,
-                     resolve_device)
+from .common import (
+    add_streaming_arguments,
+    check_spill_directory,
+    fail,
+    load_for_inference,
+    positive_int,
+    resolve_device,
+    with_rescale_factor,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -33,6 +40,7 @@ def run(arguments: argparse.Namespace) -> None:
     device = resolve_device(arguments.device)
     model, processor = load_for_inference(AutoModelForImageClassification, arguments.model, device,
                                           getattr(torch, arguments.dtype), task="xt-hf predict")
+    processor = with_rescale_factor(processor, model, arguments.rescale_factor)
     try:
         source = open_region_source(arguments.image, model.config.region_size)
     except ValueError as error:

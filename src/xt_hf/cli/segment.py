@@ -6,7 +6,8 @@ import argparse
 import resource
 import time
 
-from .common import add_streaming_arguments, check_spill_directory, fail, load_for_inference, resolve_device
+from .common import (add_streaming_arguments, check_spill_directory, fail, load_for_inference, resolve_device,
+                     with_rescale_factor)
 
 
 def add_parser(subparsers) -> None:
@@ -34,6 +35,7 @@ def run(arguments: argparse.Namespace) -> None:
     device = resolve_device(arguments.device)
     model, processor = load_for_inference(AutoModelForSemanticSegmentation, arguments.model, device,
                                           getattr(torch, arguments.dtype), task="xt-hf segment")
+    processor = with_rescale_factor(processor, model, arguments.rescale_factor)
     start = time.perf_counter()
     try:
         height, width = segment_streaming(
