@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import REGION, tiny_config
 
-from xt_hf.cli import main
+from xt_hf_cli import main
 
 
 def fails_with(capsys, argv: list[str], *expected: str) -> str:
@@ -52,14 +52,14 @@ def folders(tmp_path_factory):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Checks that must come before the model loads: loading it fails the test."""
-    import xt_hf.cli.common
-    import xt_hf.cli.predict
-    import xt_hf.cli.segment
+    import xt_hf_cli.common
+    import xt_hf_cli.predict
+    import xt_hf_cli.segment
 
     def load_for_inference(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    for module in (xt_hf.cli.common, xt_hf.cli.predict, xt_hf.cli.segment):
+    for module in (xt_hf_cli.common, xt_hf_cli.predict, xt_hf_cli.segment):
         monkeypatch.setattr(module, "load_for_inference", load_for_inference, raising=False)
 
 
@@ -253,3 +253,15 @@ def test_rescale_factor_sets_how_raw_pixels_are_scaled(folders, tmp_path, capsys
     assert overridden != pytest.approx(as_uint8, abs=1e-3)
     fails_with(capsys, ["predict", str(folders / "image.npy"), "--model", str(folders / "classifier"),
                         "--rescale-factor", "-1"], "--rescale-factor")
+
+
+@pytest.mark.parametrize("argv, status", [(["--help"], 0), (["predict", "--help"], 0), (["segment", "--help"], 0),
+                                          (["demo", "--help"], 0), (["predict", "x", "--model", "m", "--top-k", "-1"], 2),
+                                          (["nonsense"], 2)])
+def test_help_and_argument_errors_answer_without_importing_torch(argv, status):
+    """`xt-hf --help` and argument errors must answer at once: torch (and xt_hf with it) is imported only by a
+    command that runs."""
+    code = ("import sys\nfrom xt_hf_cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exited:\n"
+            "    print('status', exited.code, 'torch' in sys.modules, 'xt_hf' in sys.modules, file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    assert result.stderr.splitlines()[-1] == f"status {status} False False", result.stderr[-1000:]

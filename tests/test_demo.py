@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from xt_hf.cli import main
-from xt_hf.cli.demo import DEMO_MODEL, DEMO_SPLIT, load_demo_model
+from xt_hf_cli import main
+from xt_hf_cli.demo import DEMO_MODEL, DEMO_SPLIT, load_demo_model
 from xt_hf.synthetic.relations import generate_sample, sample_rng
 
 

@@ -358,17 +358,14 @@ def test_unknown_setting_fails_with_a_suggestion(tmp_path, source):
         parse_args([*base, "--set", "max_steps=many"])
 
 
-def test_train_command_registers_on_the_xt_hf_parser():
-    import argparse
-
+def test_xt_hf_train_hands_its_arguments_to_the_training_settings(monkeypatch):
     import xt_hf.training.command as train_module
-    from xt_hf.training import config_from_arguments
+    from xt_hf_cli import main
 
-    parser = argparse.ArgumentParser(prog="xt-hf")
-    train_module.add_parser(parser.add_subparsers(dest="command", required=True))
-    arguments = parser.parse_args(["train", "--model", "m.json", "--dataset", "d", "--set", "seed=3"])
-    assert arguments.run is train_module.run
-    config = config_from_arguments(arguments)
+    trained = []
+    monkeypatch.setattr(train_module, "train", trained.append)
+    main(["train", "--model", "m.json", "--dataset", "d", "--set", "seed=3"])
+    (config,) = trained
     assert (config.model, config.dataset, config.seed, config.batch_size) == ("m.json", "d", 3, 8)
 
 

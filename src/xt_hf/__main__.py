@@ -1,5 +1,5 @@
 """`python -m xt_hf ...` runs the `xt-hf` command line (so that `accelerate launch -m xt_hf ...` works too)."""
 
-from .cli import main
+from xt_hf_cli import main
 
 main()

@@ -1,4 +1,5 @@
-"""The `xt-hf train` command (also `python -m xt_hf.training`, `accelerate launch -m xt_hf.training`)."""
+"""The `xt-hf train` command (also `python -m xt_hf.training`, `accelerate launch -m xt_hf.training`); `xt-hf`
+hands it everything after the word `train`."""
 
 from __future__ import annotations
 
@@ -13,22 +14,13 @@ EPILOG = ("Settings come from the --config file, then flags, then --set; later s
           "docs/fine-tuning.md describes every setting.")
 
 
-def add_parser(subparsers) -> None:
-    """Register `xt-hf train` on the `xt-hf` command's sub-parsers; its `run` trains."""
-    parser = subparsers.add_parser(
-        "train", help="fine-tune an xT classifier or segmenter (Accelerate; also `accelerate launch -m xt_hf.training`)",
-        description=DESCRIPTION, epilog=EPILOG, parents=[train_argument_parser(add_help=False)],
-    )
-    parser.set_defaults(run=run)
-
-
 def run(arguments: argparse.Namespace) -> dict[str, float]:
     return train(config_from_arguments(arguments))
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    parser = train_argument_parser(prog="python -m xt_hf.training", description=DESCRIPTION, epilog=EPILOG)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m xt_hf.training") -> dict[str, float]:
+    parser = train_argument_parser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
     return run(parser.parse_args(argv))
 
 
-__all__ = ["add_parser", "main", "run"]
+__all__ = ["main", "run"]

@@ -9,13 +9,15 @@ held-out image, whose true label is known; `--image` predicts a file instead.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import resource
 import time
 from pathlib import Path
 
 from .common import fail, non_negative_int, positive_int
 
-DEMO_MODEL = Path(__file__).parents[1] / "demo_model"
+# Found without importing xt_hf (and torch), so that `xt-hf demo --help` answers at once.
+DEMO_MODEL = Path(importlib.util.find_spec("xt_hf").submodule_search_locations[0]) / "demo_model"
 # Samples the demo model never saw: its training, model selection and scoring used "train", "validation", "test".
 DEMO_SPLIT = "demo"
 
@@ -53,7 +55,7 @@ def add_parser(subparsers) -> None:
 def run(arguments: argparse.Namespace) -> dict:
     import torch
 
-    from ..synthetic.relations import generate_sample, sample_rng
+    from xt_hf.synthetic.relations import generate_sample, sample_rng
 
     model, processor = load_demo_model()
     if not arguments.image and arguments.size < model.config.region_size:

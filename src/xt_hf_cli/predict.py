@@ -8,7 +8,6 @@ import math
 import resource
 import time
 
-from ..nested_tokenization import region_grid_shape
 from .common import (
     add_streaming_arguments,
     check_spill_directory,
@@ -34,7 +33,8 @@ def run(arguments: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForImageClassification
 
-    from ..engine import open_region_source, predict_streaming
+    from xt_hf.engine import open_region_source, predict_streaming
+    from xt_hf.nested_tokenization import region_grid_shape
 
     check_spill_directory(arguments.spill_dir)
     device = resolve_device(arguments.device)

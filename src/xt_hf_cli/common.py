@@ -51,7 +51,7 @@ def with_rescale_factor(processor, model, rescale_factor: float | None):
     if rescale_factor <= 0:
         fail(f"--rescale-factor {rescale_factor}: must be positive")
     if processor is None:
-        from ..image_processing_xt import XTImageProcessor
+        from xt_hf import XTImageProcessor
 
         processor = XTImageProcessor(region_size=model.config.region_size)
     processor.rescale_factor, processor.do_rescale = rescale_factor, True
@@ -86,6 +86,8 @@ def load_for_inference(auto_class, model_id: str, device, dtype, *, task: str):
     """
     from transformers import AutoConfig, AutoImageProcessor
     from transformers.utils import logging as transformers_logging
+
+    import xt_hf  # noqa: F401  (registers the xT classes with the Auto classes)
 
     if _looks_like_a_path(model_id) and not Path(model_id).expanduser().is_dir():
         fail(f"--model {model_id}: no such folder (give a folder written by save_pretrained or a Hub id)")

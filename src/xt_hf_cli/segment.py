@@ -24,8 +24,8 @@ def run(arguments: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForSemanticSegmentation
 
-    from ..engine import segment_streaming
-    from ..engine.writers import CLASS_MAP_SUFFIXES, check_output_path
+    from xt_hf.engine import segment_streaming
+    from xt_hf.engine.writers import CLASS_MAP_SUFFIXES, check_output_path
 
     try:  # before the model loads and long before the first pass ends
         check_output_path(arguments.output, suffixes=CLASS_MAP_SUFFIXES, overwrite=arguments.overwrite)

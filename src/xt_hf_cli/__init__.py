@@ -1,0 +1,40 @@
+"""The `xt-hf` command line (also `python -m xt_hf`). Each command lives in its own module.
+
+    xt-hf demo                    the packaged demo model on a generated large image
+    xt-hf predict IMAGE --model   classify any supported large-image source, streaming its regions
+    xt-hf segment IMAGE --model   whole-scene segmentation straight to zarr or tiled TIFF
+    xt-hf train --config FILE     fine-tune with Accelerate
+
+A package of its own, beside `xt_hf`: importing anything inside `xt_hf` imports torch and registers the
+models (seconds), while help and argument errors should answer at once. So parsers are built here from the
+standard library alone, and a command imports `xt_hf` only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules providing `add_parser(subparsers)`, which registers a command whose `run(arguments)` does the work.
+COMMAND_MODULES = ("demo", "predict", "segment")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        # Its settings come from `xt_hf.training` (HfArgumentParser over its dataclass), which parses
+        # everything after the word itself, help included.
+        importlib.import_module("xt_hf.training.command").main(argv[1:], prog="xt-hf train")
+        return
+    parser = argparse.ArgumentParser(prog="xt-hf", description="xT for very large images.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{name}").add_parser(commands)
+    commands.add_parser("train", help="fine-tune an xT classifier or segmenter with Accelerate (xt-hf train --help)")
+    arguments = parser.parse_args(argv)
+    arguments.run(arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
