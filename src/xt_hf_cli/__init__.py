@@ -17,7 +17,7 @@ import importlib
 import sys
 
 # Modules providing `add_parser(subparsers)`, which registers a command whose `run(arguments)` does the work.
-COMMAND_MODULES = ("demo", "predict", "segment")
+COMMAND_MODULES = ("demo", "predict", "segment", "embed")
 
 
 def main(argv: list[str] | None = None) -> None:

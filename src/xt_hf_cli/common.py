@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -58,10 +59,15 @@ def with_rescale_factor(processor, model, rescale_factor: float | None):
     return processor
 
 
-def resolve_device(name: str):
-    """`auto` → CUDA when available, else CPU; a device that is not there is a usage error."""
+def resolve_device(name: str, state=None):
+    """`auto` → CUDA when available, else CPU; a device that is not there is a usage error. One of several
+    processes (`state`, Accelerate's `PartialState`) takes its own GPU for `auto` and `cuda`."""
     import torch
 
+    if state is not None and name in ("auto", "cuda"):
+        if name == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        return state.device
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -127,3 +133,67 @@ def check_spill_directory(path: str | None) -> None:
     if Path(path).exists():
         fail(f"--spill-dir {path}: not a directory (the spill directory must be an existing folder)")
     fail(f"--spill-dir {path}: the spill directory does not exist (create it first)")
+
+
+# Many inputs, one results table (xt_hf.engine.batch does the work; these are the command-line pieces).
+
+TABLE_SUFFIXES = (".parquet", ".jsonl")  # as xt_hf.engine.batch.TABLE_SUFFIXES, without importing torch
+
+
+def is_table(path: str | None) -> bool:
+    """Whether `--output` names a results table (many inputs) rather than one image's output."""
+    return path is not None and Path(path).suffix.lower() in TABLE_SUFFIXES
+
+
+def add_inputs_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="TIFF/BigTIFF, .npy, zarr, whole-slide image, PNG/JPEG; with --output results.parquet "
+                             "or .jsonl also several files, glob patterns, folders, CSV/JSONL manifests or saved "
+                             "datasets with a 'path' column")
+
+
+def run_many(arguments: argparse.Namespace, *, command: str, auto_class, columns: dict[str, str], signature: dict,
+             make_work) -> None:
+    """Run `command` over many inputs into the `--output` table; exit 0 when every input succeeded, else 1.
+
+    `make_work(model, processor, images)` returns the function that turns one input into its row's results.
+    Usage errors (no inputs, an output that cannot be written, a table of another run) stop before the model
+    loads. Under `accelerate launch` / `torchrun` the inputs are shared between the processes.
+    """
+    import torch
+
+    from xt_hf.engine.batch import Journal, distributed_state, expand_inputs, run_batch
+
+    output = Path(arguments.output)
+    if not output.parent.is_dir():
+        fail(f"--output {output}: the folder {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK):
+        fail(f"--output {output}: the folder {output.parent} is not writable")
+    try:
+        images = expand_inputs(arguments.images)
+    except ValueError as error:
+        fail(str(error))
+    signature = {"command": command, "model": arguments.model, "dtype": arguments.dtype,
+                 "rescale_factor": arguments.rescale_factor, **signature}
+    try:
+        Journal(output).check_signature(signature)
+    except ValueError as error:
+        fail(f"--output {output}: {error}")
+    check_spill_directory(arguments.spill_dir)
+    state = distributed_state(cpu=arguments.device == "cpu")
+    device = resolve_device(arguments.device, state)
+    model, processor = load_for_inference(auto_class, arguments.model, device, getattr(torch, arguments.dtype),
+                                          task=f"xt-hf {command}")
+    processor = with_rescale_factor(processor, model, arguments.rescale_factor)
+    summary = run_batch(images, make_work(model, processor, images), output, columns=columns, signature=signature,
+                        state=state)
+    if state is None or state.is_main_process:
+        print(summary.line(f"xt-hf {command}"))
+    if summary.failed:
+        sys.exit(1)
+
+
+def streaming_options(arguments: argparse.Namespace) -> dict:
+    """The engine's keyword arguments for the whole-scene options, without a progress bar (the batch has one)."""
+    return dict(region_batch_size=arguments.region_batch_size, num_workers=arguments.num_workers, progress=False,
+                spill_directory=arguments.spill_dir)

@@ -1,4 +1,7 @@
-"""`xt-hf predict IMAGE --model PATH_OR_HUB_ID`: classify a large image read region by region."""
+"""`xt-hf predict IMAGE --model PATH_OR_HUB_ID`: classify a large image read region by region.
+
+`xt-hf predict IMAGES... --model M --output results.parquet` (or `.jsonl`): many inputs, one row each (top-k
+labels and scores, seconds, error), resumable, shared between processes under `accelerate launch`."""
 
 from __future__ import annotations
 
@@ -9,20 +12,30 @@ import resource
 import time
 
 from .common import (
+    TABLE_SUFFIXES,
+    add_inputs_argument,
     add_streaming_arguments,
     check_spill_directory,
     fail,
+    is_table,
     load_for_inference,
     positive_int,
     resolve_device,
+    run_many,
+    streaming_options,
     with_rescale_factor,
 )
+
+COLUMNS = {"path": "string", "labels": "list<string>", "scores": "list<float64>", "seconds": "float64",
+           "error": "string"}
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("predict", help="classify a large image, streaming its regions from disk")
-    parser.add_argument("image", help="TIFF/BigTIFF, .npy, zarr, whole-slide image, PNG/JPEG")
+    add_inputs_argument(parser)
     parser.add_argument("--model", required=True, help="local folder or Hub id of an xT classifier")
+    parser.add_argument("--output", help="results table for many inputs: .parquet or .jsonl (one row per input; "
+                        "a rerun skips the inputs already done)")
     add_streaming_arguments(parser)
     parser.add_argument("--top-k", type=positive_int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -30,6 +43,39 @@ def add_parser(subparsers) -> None:
 
 
 def run(arguments: argparse.Namespace) -> None:
+    if arguments.output is not None and not is_table(arguments.output):
+        fail(f"--output {arguments.output}: a results table is {' or '.join(TABLE_SUFFIXES)}")
+    if is_table(arguments.output):
+        run_many(arguments, command="predict", auto_class=_classifier_class(), columns=COLUMNS,
+                 signature={"top_k": arguments.top_k}, make_work=lambda model, processor, images: _work(
+                     arguments, model, processor))
+        return
+    if len(arguments.images) > 1:
+        fail(f"{len(arguments.images)} inputs: several inputs need --output results.parquet (or .jsonl)")
+    arguments.image = arguments.images[0]
+    run_one(arguments)
+
+
+def _classifier_class():
+    from transformers import AutoModelForImageClassification
+
+    return AutoModelForImageClassification
+
+
+def _work(arguments: argparse.Namespace, model, processor):
+    from xt_hf.engine import predict_streaming
+
+    def work(image: str) -> dict:
+        logits = predict_streaming(model, image, processor=processor, **streaming_options(arguments))
+        probabilities = logits.float().softmax(-1)[0]
+        top = probabilities.topk(min(arguments.top_k, probabilities.numel()))
+        return {"labels": [model.config.id2label[int(i)] for i in top.indices],
+                "scores": [float(p) for p in top.values]}
+
+    return work
+
+
+def run_one(arguments: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForImageClassification
 

@@ -1,26 +1,97 @@
-"""`xt-hf segment IMAGE --model PATH --output mask.tif`: whole-scene segmentation written straight to disk."""
+"""`xt-hf segment IMAGE --model PATH --output mask.tif`: whole-scene segmentation written straight to disk.
+
+`xt-hf segment IMAGES... --model M --output results.parquet --output-dir masks/` (or `.jsonl`): many inputs,
+each mask written into `--output-dir` under a name derived from its input, one row each (the mask's path, its
+size, seconds, error); resumable, shared between processes under `accelerate launch`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import shutil
 import time
+from pathlib import Path
 
-from .common import (add_streaming_arguments, check_spill_directory, fail, load_for_inference, resolve_device,
-                     with_rescale_factor)
+from .common import (add_inputs_argument, add_streaming_arguments, check_spill_directory, fail, is_table,
+                     load_for_inference, resolve_device, run_many, streaming_options, with_rescale_factor)
+
+COLUMNS = {"path": "string", "mask": "string", "height": "int64", "width": "int64", "seconds": "float64",
+           "error": "string"}
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("segment", help="segment a large scene region by region into a mask on disk")
-    parser.add_argument("image", help="TIFF/BigTIFF, .npy, zarr, whole-slide image, PNG/JPEG")
+    add_inputs_argument(parser)
     parser.add_argument("--model", required=True, help="local folder or Hub id of an XTForSemanticSegmentation")
-    parser.add_argument("--output", required=True, help="class map to write: .tif (tiled) or .zarr")
+    parser.add_argument("--output", required=True, help="class map to write: .tif (tiled) or .zarr; for many inputs "
+                        "a results table, .parquet or .jsonl, with the masks in --output-dir")
+    parser.add_argument("--output-dir", help="many inputs: the folder for their masks (<input name>.zarr or .tif)")
+    parser.add_argument("--mask-format", choices=["zarr", "tif"], default="zarr",
+                        help="many inputs: the masks' format (default zarr)")
     add_streaming_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.set_defaults(run=run)
 
 
 def run(arguments: argparse.Namespace) -> None:
+    if is_table(arguments.output):
+        run_masks(arguments)
+        return
+    if len(arguments.images) > 1:
+        fail(f"{len(arguments.images)} inputs: several inputs need --output results.parquet (or .jsonl) "
+             f"and --output-dir for the masks")
+    arguments.image = arguments.images[0]
+    run_one(arguments)
+
+
+def run_masks(arguments: argparse.Namespace) -> None:
+    from transformers import AutoModelForSemanticSegmentation
+
+    if arguments.output_dir is None:
+        fail(f"--output {arguments.output}: a results table needs --output-dir, the folder for the masks")
+    folder = Path(arguments.output_dir)
+    if not folder.parent.is_dir():
+        fail(f"--output-dir {folder}: the folder {folder.parent} does not exist")
+    folder.mkdir(exist_ok=True)
+    suffix = "." + arguments.mask_format
+
+    def make_work(model, processor, images):
+        from xt_hf.engine import segment_streaming
+        from xt_hf.engine.batch import output_names
+
+        names = output_names(images, suffix)
+
+        def work(image: str) -> dict:
+            # Written under a temporary name, then renamed: a mask in --output-dir is always a whole one.
+            # An input not done yet (killed halfway, say) has its earlier mask replaced.
+            target = folder / names[image]
+            partial = folder / f".{target.stem}.{os.getpid()}.partial{suffix}"
+            _remove(partial)
+            try:
+                height, width = segment_streaming(model, image, partial, processor=processor, overwrite=True,
+                                                  **streaming_options(arguments))
+                _remove(target)
+                os.replace(partial, target)
+            finally:
+                _remove(partial)
+            return {"mask": str(target), "height": height, "width": width}
+
+        return work
+
+    run_many(arguments, command="segment", auto_class=AutoModelForSemanticSegmentation, columns=COLUMNS,
+             signature={"output_dir": str(folder.resolve()), "mask_format": arguments.mask_format},
+             make_work=make_work)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def run_one(arguments: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForSemanticSegmentation
 

@@ -8,6 +8,7 @@ and writes whole-scene outputs region by region (`writers`). It is chosen explic
 the `xt-hf` commands, never by a grad mode.
 """
 
+from .batch import expand_inputs, run_batch
 from .context import encode_grid, encode_in_place, new_token_buffer
 from .heads import ContextHead, RegionHead
 from .scene import (
@@ -31,10 +32,12 @@ __all__ = [
     "encode_grid",
     "encode_in_place",
     "encode_regions_streaming",
+    "expand_inputs",
     "new_token_buffer",
     "open_region_source",
     "predict_streaming",
     "region_feed",
     "region_reader_for",
+    "run_batch",
     "segment_streaming",
 ]
