@@ -10,6 +10,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForObjectDetection,
     AutoModelForSemanticSegmentation,
 )
 from transformers.utils import is_torchvision_available
@@ -18,6 +19,7 @@ from .configuration_xt import XTConfig
 from .image_processing_xt import XTImageProcessor
 from .modeling_xt import (
     XTForImageClassification,
+    XTForObjectDetection,
     XTForSemanticSegmentation,
     XTModel,
     XTModelOutput,
@@ -28,6 +30,7 @@ AutoConfig.register(XTConfig.model_type, XTConfig, exist_ok=True)
 AutoModel.register(XTConfig, XTModel, exist_ok=True)
 AutoModelForImageClassification.register(XTConfig, XTForImageClassification, exist_ok=True)
 AutoModelForSemanticSegmentation.register(XTConfig, XTForSemanticSegmentation, exist_ok=True)
+AutoModelForObjectDetection.register(XTConfig, XTForObjectDetection, exist_ok=True)
 # Both backends, so that AutoImageProcessor's default (torchvision when installed) needs no fallback. A processor saved
 # by either one lists both modules in its auto_map (one class per backend) for remote code.
 _image_processor_classes = {"pil": XTImageProcessor}
@@ -42,6 +45,7 @@ XTConfig.register_for_auto_class()
 XTModel.register_for_auto_class("AutoModel")
 XTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 XTForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+XTForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
 XTImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __version__ = "0.1.0"
@@ -49,6 +53,7 @@ __version__ = "0.1.0"
 __all__ = [
     "XTConfig",
     "XTForImageClassification",
+    "XTForObjectDetection",
     "XTForSemanticSegmentation",
     "XTImageProcessor",
     "XTModel",

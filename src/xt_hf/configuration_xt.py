@@ -136,6 +136,18 @@ class XTConfig(PreTrainedConfig):
             Label value that segmentation losses ignore (unlabelled pixels).
         semantic_loss_dice_weight (`float`, defaults to 0.0):
             Weight of a soft Dice loss added to the segmentation cross-entropy.
+        detection_threshold (`float`, defaults to 0.05):
+            `XTForObjectDetection`: a heatmap peak (score = sigmoid of its logit) becomes a candidate detection when
+            its score is above this; must be in [0, 1). Post-processing thresholds the merged detections again.
+        detection_max_detections (`int`, defaults to 100):
+            `XTForObjectDetection`: at most this many candidates per region, and this many merged detections per
+            image (the length of `logits` and `pred_boxes`).
+        detection_nms_iou (`float`, defaults to 0.5):
+            `XTForObjectDetection`: IoU above which class-wise NMS suppresses the weaker of two detections when the
+            regions' detections are merged (an object crossing a region border is reported by both regions).
+        detection_heatmap_loss_weight (`float`, defaults to 1.0), detection_size_loss_weight (`float`, defaults to 0.1), detection_offset_loss_weight (`float`, defaults to 1.0):
+            `XTForObjectDetection`: weights of the heatmap focal loss and of the L1 losses on box size and centre
+            offset (CenterNet's 1, 0.1, 1).
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the truncated normal used to initialise new weights.
 
@@ -207,6 +219,12 @@ class XTConfig(PreTrainedConfig):
     decoder_output_stride: int = 1
     semantic_loss_ignore_index: int = 255
     semantic_loss_dice_weight: float | int = 0.0
+    detection_threshold: float | int = 0.05
+    detection_max_detections: int = 100
+    detection_nms_iou: float | int = 0.5
+    detection_heatmap_loss_weight: float | int = 1.0
+    detection_size_loss_weight: float | int = 0.1
+    detection_offset_loss_weight: float | int = 1.0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -307,6 +325,15 @@ class XTConfig(PreTrainedConfig):
             )
         if self.semantic_loss_dice_weight < 0:
             raise ValueError(f"`semantic_loss_dice_weight` must be ≥ 0, got {self.semantic_loss_dice_weight}.")
+        if not 0 <= self.detection_threshold < 1:
+            raise ValueError(f"`detection_threshold` must be in [0, 1), got {self.detection_threshold}.")
+        if not isinstance(self.detection_max_detections, int) or self.detection_max_detections < 1:
+            raise ValueError(f"`detection_max_detections` must be ≥ 1, got {self.detection_max_detections!r}.")
+        if not 0 < self.detection_nms_iou <= 1:
+            raise ValueError(f"`detection_nms_iou` must be in (0, 1], got {self.detection_nms_iou}.")
+        for name in ("detection_heatmap_loss_weight", "detection_size_loss_weight", "detection_offset_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be ≥ 0, got {getattr(self, name)}.")
         if self.context_mlp_ratio <= 0 or self.classifier_mlp_ratio < 1:
             raise ValueError("`context_mlp_ratio` must be > 0 and `classifier_mlp_ratio` ≥ 1.")
 

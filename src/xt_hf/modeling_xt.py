@@ -15,6 +15,14 @@ from transformers.utils import ModelOutput, auto_docstring, can_return_tuple
 from .configuration_xt import XTConfig
 from .context_encoder import ContextEncoding, XTContextEncoder
 from .context_mamba import XTMambaMixer
+from .detection_head import (
+    XTCenterNetHead,
+    XTHeatmapLogits,
+    centernet_loss,
+    check_detection_labels,
+    detections_from_dense_maps,
+    merge_region_detections,
+)
 from .nested_tokenization import (
     nested_tokenize,
     pad_to_region_multiple,
@@ -76,6 +84,9 @@ class XTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, XTMambaMixer):
             # Runs after its Linear children (children are initialised first), so its own scheme wins.
             module.reset_parameters()
+        elif isinstance(module, XTHeatmapLogits):
+            super()._init_weights(module)
+            init.constant_(module.bias, module.bias_init)  # CenterNet's prior: every cell starts at p = 0.1
         else:
             super()._init_weights(module)
 
@@ -412,10 +423,213 @@ class XTForSemanticSegmentation(XTPreTrainedModel):
         return loss
 
 
+@dataclass
+class XTObjectDetectionOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are provided):
+        `detection_heatmap_loss_weight · loss_heatmap + detection_size_loss_weight · loss_size +
+        detection_offset_loss_weight · loss_offset`.
+    loss_dict (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` are provided):
+        The unweighted parts: `loss_heatmap` (CenterNet focal loss), `loss_size` and `loss_offset` (L1 per object).
+    logits (`torch.FloatTensor` of shape `(batch_size, detection_max_detections, num_labels)`):
+        The merged detections, best first: each row holds the detection's heatmap logit at its class and `-inf`
+        elsewhere (rows past the last detection are all `-inf`), so `sigmoid` and a max over the classes give back
+        its score and label.
+    pred_boxes (`torch.FloatTensor` of shape `(batch_size, detection_max_detections, 4)`):
+        Their boxes, `(center_x, center_y, width, height)` normalised by the size of `pixel_values` (padding
+        included); zeros past the last detection. `XTImageProcessor.post_process_object_detection` turns them into
+        pixel corners.
+    heatmap (`torch.FloatTensor` of shape `(batch_size, num_labels, ⌈height/s⌉, ⌈width/s⌉)`):
+        Class heatmap logits at `s = decoder_output_stride`, every region's stitched (padding cropped away).
+    box_sizes (`torch.FloatTensor` of shape `(batch_size, 2, ⌈height/s⌉, ⌈width/s⌉)`):
+        Box width and height in output cells (`s` pixels).
+    box_offsets (`torch.FloatTensor` of shape `(batch_size, 2, ⌈height/s⌉, ⌈width/s⌉)`):
+        The centre's x, y offset from its cell's top-left corner, in output cells.
+    image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`):
+        `(height, width)` of `pixel_values`: the frame `pred_boxes` are normalised to.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
+        The context encoder's hidden states, as `XTModel` returns them.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True` and eager attention):
+        Attention weights of each context block.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_dict: dict | None = None
+    logits: torch.FloatTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    heatmap: torch.FloatTensor | None = None
+    box_sizes: torch.FloatTensor | None = None
+    box_offsets: torch.FloatTensor | None = None
+    image_sizes: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@auto_docstring
+class XTForObjectDetection(XTPreTrainedModel):
+    """xT for small objects in huge scenes: the per-region U-Net decoder (multi-scale region features plus the
+    region's context tokens) feeds an anchor-free, CenterNet-style dense head at `1 / decoder_output_stride`: a class
+    heatmap, box sizes and centre offsets (`detection_head.py`).
+
+    A region's dense maps depend only on its own pixels and its context tokens (`decode_regions`); its peaks are
+    found inside it (`detections_from_dense_maps`) and the regions' boxes are merged across borders with class-wise
+    NMS (`merge_region_detections`). The forward runs exactly these pieces region by region, so an engine streaming a
+    whole scene region by region reproduces it. CenterNet works at stride 4: set `decoder_output_stride=4`.
+    """
+
+    def __init__(self, config: XTConfig):
+        super().__init__(config)
+        self.xt = XTModel(config)
+        context_channels = config.context_hidden_size if config.context_encoder != "none" else 0
+        # The segmentation decoder's U-Net trunk; the dense head replaces its per-pixel classifier.
+        self.decoder = XTSegmentationDecoder(config, self.xt.region_encoder.channels, context_channels)
+        self.decoder.classifier = nn.Identity()
+        self.detection_head = XTCenterNetHead(config.decoder_hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    @auto_docstring
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: list[dict] | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> XTObjectDetectionOutput | tuple:
+        r"""
+        labels (`list[dict]`, *optional*):
+            One dict per image, as transformers' detection models take them (and `XTImageProcessor` makes them from
+            COCO annotations): `class_labels` `(m,)` integers in `[0, num_labels)` and `boxes` `(m, 4)` normalised
+            `(center_x, center_y, width, height)` relative to `pixel_values`' size. An image may have no objects.
+            The loss is CenterNet's: focal loss on the Gaussian-splatted heatmap plus L1 on sizes and offsets at the
+            object centres.
+        """
+        batch, height, width = pixel_values.shape[0], *pixel_values.shape[-2:]
+        targets = None
+        if labels is not None:
+            targets = check_detection_labels(labels, batch, self.config.num_labels, pixel_values.device)
+        outputs = self.xt(
+            pixel_values,
+            output_region_features=True,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        rows, cols = region_grid_shape(height, width, self.config.region_size)
+        context = self.context_grid(outputs.last_hidden_state, outputs.region_feature_maps[-1].shape[-2:])
+        maps, detections = self.decode(outputs.region_feature_maps, context, rows, cols, image_size=(height, width))
+        stride = self.config.decoder_output_stride
+        maps = maps[..., : -(-height // stride), : -(-width // stride)]
+        logits, pred_boxes = self.padded_detections(detections, (height, width), maps)
+
+        loss = loss_dict = None
+        if targets is not None:
+            weights = (self.config.detection_heatmap_loss_weight, self.config.detection_size_loss_weight,
+                       self.config.detection_offset_loss_weight)
+            loss, loss_dict = centernet_loss(maps, targets, image_size=(height, width), stride=stride, weights=weights)
+        num_labels = self.config.num_labels
+        return XTObjectDetectionOutput(
+            loss=loss,
+            loss_dict=loss_dict,
+            logits=logits,
+            pred_boxes=pred_boxes,
+            heatmap=maps[:, :num_labels],
+            box_sizes=maps[:, num_labels : num_labels + 2],
+            box_offsets=maps[:, num_labels + 2 :],
+            image_sizes=torch.tensor([[height, width]] * batch, device=pixel_values.device),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def context_grid(self, tokens: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor | None:
+        """Context-encoded tokens `(batch, H_S·W_S, D)` on the deepest stitched stage's grid: `(batch, D, H_S, W_S)`;
+        `None` without a context encoder."""
+        if self.xt.context_encoder is None:
+            return None
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid_shape)
+
+    def decode_regions(self, stage_features: list[torch.Tensor], context: torch.Tensor | None) -> torch.Tensor:
+        """Regions' stage maps `(n, C_s, h_s, w_s)` (and their context tokens `(n, D, h, w)`) → their dense maps
+        `(n, num_labels + 4, R/s, R/s)`: heatmap logits, then box width, height, then centre offset x, y, sizes and
+        offsets in output cells (`s = decoder_output_stride` pixels). A region's maps depend on nothing else."""
+        hidden = self.decoder(stage_features, context)
+        side = self.config.region_size // self.config.decoder_output_stride
+        if hidden.shape[-2:] != (side, side):
+            hidden = F.interpolate(hidden, size=(side, side), mode="bilinear", align_corners=False)
+        return self.detection_head(hidden)
+
+    def detect_regions(self, maps: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """`detections_from_dense_maps` of regions' maps with the config's stride, threshold and limit."""
+        return detections_from_dense_maps(
+            maps, stride=self.config.decoder_output_stride, threshold=self.config.detection_threshold,
+            max_detections=self.config.detection_max_detections,
+        )
+
+    def merge_detections(
+        self, region_detections: list[dict[str, torch.Tensor]], region_origins: list[tuple[int, int]],
+        image_size: tuple[int, int] | None,
+    ) -> dict[str, torch.Tensor]:
+        """`merge_region_detections` with the config's NMS IoU threshold and limit."""
+        return merge_region_detections(
+            region_detections, region_origins, iou_threshold=self.config.detection_nms_iou,
+            max_detections=self.config.detection_max_detections, image_size=image_size,
+        )
+
+    def decode(
+        self, region_feature_maps: tuple[torch.Tensor, ...], context: torch.Tensor | None, rows: int, cols: int,
+        image_size: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Decode every region, `region_batch_size` at a time: the stitched dense maps `(batch, num_labels + 4,
+        rows·R/s, cols·R/s)` and each image's detections, found region by region (`detect_regions`) and merged
+        (`merge_detections`, in region order) in pixels of the image (of `image_size`, padding excluded)."""
+        batch, region = region_feature_maps[0].shape[0], self.config.region_size
+        maps = None
+        found = [[] for _ in range(batch)]
+        origins = [[] for _ in range(batch)]
+        for index in region_batches(batch, rows, cols, self.config.region_batch_size):
+            index = index.to(region_feature_maps[0].device)
+            region_maps = self.decode_regions(
+                [nested_tokenize(stage, index) for stage in region_feature_maps],
+                None if context is None else nested_tokenize(context, index),
+            )
+            if maps is None:
+                side = region_maps.shape[-1]
+                maps = region_maps.new_empty(batch, region_maps.shape[1], rows * side, cols * side)
+            stitch_regions(maps, index, region_maps)
+            for detections, image, row, col in zip(self.detect_regions(region_maps), index.image.tolist(),
+                                                   index.row.tolist(), index.col.tolist()):
+                found[image].append(detections)
+                origins[image].append((col * region, row * region))
+        return maps, [self.merge_detections(found[i], origins[i], image_size) for i in range(batch)]
+
+    def padded_detections(
+        self, detections: list[dict[str, torch.Tensor]], image_size: tuple[int, int], like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged detections as transformers' `(logits, pred_boxes)`: `(batch, max_detections, num_labels)` with
+        the heatmap logit at the label and `-inf` elsewhere, and normalised `(cx, cy, w, h)` (zeros when absent)."""
+        batch, limit, num_labels = len(detections), self.config.detection_max_detections, self.config.num_labels
+        height, width = image_size
+        logits = torch.full((batch, limit, num_labels), float("-inf"), device=like.device, dtype=torch.float32)
+        pred_boxes = torch.zeros(batch, limit, 4, device=like.device, dtype=torch.float32)
+        scale = torch.tensor([width, height, width, height], device=like.device, dtype=torch.float32)
+        for image, found in enumerate(detections):
+            count = len(found["scores"])
+            boxes = found["boxes"].float()
+            centre = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], dim=-1)
+            logits[image, torch.arange(count, device=like.device), found["labels"]] = torch.logit(found["scores"].float())
+            pred_boxes[image, :count] = centre / scale
+        return logits, pred_boxes
+
+
 __all__ = [
     "XTForImageClassification",
+    "XTForObjectDetection",
     "XTForSemanticSegmentation",
     "XTModel",
     "XTModelOutput",
+    "XTObjectDetectionOutput",
     "XTPreTrainedModel",
+    "detections_from_dense_maps",
+    "merge_region_detections",
 ]
