@@ -229,24 +229,55 @@ class XTImageProcessorMixin:
                     break
         super().__init__(**kwargs)
 
-    def preprocess(self, images: ImageInput, **kwargs: Unpack[XTImageProcessorKwargs]) -> BatchFeature:
+    def preprocess(
+        self, images: ImageInput, annotations: dict | list[dict] | None = None, **kwargs: Unpack[XTImageProcessorKwargs]
+    ) -> BatchFeature:
         r"""
         Prepare one image or a list of images for an xT model.
 
         Args:
             images (`ImageInput`):
                 PIL image, NumPy array or torch tensor, or a non-empty list of them; sizes may differ.
+            annotations (`dict` or `list[dict]`, *optional*):
+                COCO object-detection annotations, one dict per image: `{"image_id": int, "annotations": [{"bbox":
+                [x, y, width, height], "category_id": int, ...}, ...]}`, boxes in pixels of the image as given. They
+                become `labels` for `XTForObjectDetection` (see Returns). Crowd objects (`"iscrowd": 1`) are left
+                out, as in transformers' DETR processor, and so are boxes with no area inside the image.
             kwargs:
                 Any attribute of the processor (see the class docstring), overriding it for this call, plus
                 `return_tensors` (`"pt"` or `"np"`) and `input_data_format`.
 
         Returns:
-            [`BatchFeature`] with only `pixel_values`, `(batch, num_channels, H, W)` float32, where `H` and `W` are
+            [`BatchFeature`] with `pixel_values`, `(batch, num_channels, H, W)` float32, where `H` and `W` are
             the largest height and width in the batch after resizing, rounded up to multiples of `region_size`.
             Without `return_tensors` it is a list of `(num_channels, H, W)` arrays (tensors for the torchvision
-            backend).
+            backend). With `annotations`, also `labels`: one dict per image with `class_labels` `(m,)` int64 and
+            `boxes` `(m, 4)` float32 `(center_x, center_y, width, height)` that follow the resizing and are
+            normalised by the padded `H, W` (the frame of `pixel_values`), plus `image_id`, `orig_size` and `size`
+            (the image's `(height, width)` before and after resizing), as tensors with `return_tensors="pt"`.
         """
-        return super().preprocess(images, **kwargs)
+        return super().preprocess(images, annotations, **kwargs)
+
+    def _preprocess_image_like_inputs(self, images: ImageInput, annotations=None, **kwargs) -> BatchFeature:
+        """Both backends' `_preprocess` on the images; COCO `annotations` become `labels` in the padded frame."""
+        if annotations is not None:
+            annotations = [annotations] if isinstance(annotations, dict) else annotations
+            _check_coco_annotations(annotations)
+        images = self._prepare_image_like_inputs(images, **kwargs)
+        if annotations is not None and len(annotations) != len(images):
+            raise ValueError(f"Got {len(annotations)} annotations for {len(images)} images: give one per image.")
+        original_sizes = [tuple(int(side) for side in image.shape[-2:]) for image in images]
+        encoded = self._preprocess(images, **kwargs)
+        if annotations is not None:
+            size = kwargs.get("size")
+            labels = []
+            for annotation, (height, width), pixels in zip(annotations, original_sizes, encoded["pixel_values"]):
+                resized = (_resized_size(height, width, kwargs["region_size"], size) if kwargs.get("do_resize")
+                           else (height, width))
+                labels.append(coco_detection_labels(annotation, (height, width), resized, tuple(pixels.shape[-2:])))
+            return_tensors = kwargs.get("return_tensors")
+            encoded["labels"] = [BatchFeature(label, tensor_type=return_tensors) for label in labels]
+        return encoded
 
     def _prepare_images_structure(self, images: ImageInput, expected_ndims: int = 3) -> list:
         """A flat, non-empty list of single images. 2-d (grayscale) arrays count as images on their own and in lists,
@@ -424,6 +455,73 @@ class XTImageProcessorMixin:
             for seg, score in zip(maps, scores)
         ]
 
+    def post_process_object_detection(
+        self,
+        outputs,
+        threshold: float = 0.5,
+        target_sizes=None,
+        top_k: int | None = None,
+    ) -> list[dict]:
+        """Per-image detections from `XTForObjectDetection` outputs, with boxes as pixel corners.
+
+        The model's `pred_boxes` are normalised `(center_x, center_y, width, height)` in the frame of the
+        `pixel_values` it was given (the processed image, padding included, `outputs.image_sizes`). Without
+        `target_sizes`, boxes are in pixels of that frame. With `target_sizes` (the original `(height, width)` of
+        each image, as the `object-detection` pipeline passes them), they are brought back to the original image:
+        a resize done by this processor (`do_resize`) is undone and boxes are clipped to the image.
+
+        Args:
+            outputs: the model's output (or a dict) with `logits` `(batch, detections, num_labels)` and `pred_boxes`
+                `(batch, detections, 4)`, and `image_sizes` `(batch, 2)` (needed when `target_sizes` is not given;
+                without it the padded frame is worked out from `target_sizes` and this processor's settings).
+            threshold (`float`, defaults to 0.5): keep detections whose score (`sigmoid` of the logit) is above it.
+            target_sizes (`torch.Tensor` of shape `(batch, 2)` or `list[tuple[int, int]]`, *optional*): see above.
+            top_k (`int`, *optional*): keep at most this many detections per image, the best.
+
+        Returns:
+            `list[dict]`, one per image: `scores` `(k,)`, `labels` `(k,)`, `boxes` `(k, 4)` absolute
+            `(x1, y1, x2, y2)`, by decreasing score.
+        """
+        import torch
+
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs["logits"]
+        pred_boxes = outputs.pred_boxes if hasattr(outputs, "pred_boxes") else outputs["pred_boxes"]
+        frames = outputs.get("image_sizes") if hasattr(outputs, "get") else getattr(outputs, "image_sizes", None)
+        if target_sizes is not None:
+            sizes = [tuple(int(v) for v in size) for size in (target_sizes.tolist() if hasattr(target_sizes, "tolist")
+                                                              else target_sizes)]
+            if len(sizes) != len(logits):
+                raise ValueError(f"Got {len(sizes)} target sizes for a batch of {len(logits)} images.")
+            resize_to = None
+            if self.do_resize and self.size:
+                resize_to = self.size if isinstance(self.size, SizeDict) else SizeDict(**self.size)
+            processed = [_resized_size(h, w, self.region_size, resize_to) if self.do_resize else (h, w) for h, w in sizes]
+            if frames is None:  # the batch was padded to its largest whole-region size
+                region = self.region_size
+                frame = (max(-(-h // region) * region if self.do_pad else h for h, _ in processed),
+                         max(-(-w // region) * region if self.do_pad else w for _, w in processed))
+                frames = [frame] * len(sizes)
+        elif frames is None:
+            raise ValueError("post_process_object_detection needs target_sizes, or outputs with image_sizes (the "
+                             "pixel_values' (height, width) that XTForObjectDetection returns).")
+        frames = [tuple(int(v) for v in frame) for frame in (frames.tolist() if hasattr(frames, "tolist") else frames)]
+        results = []
+        for index, (image_logits, image_boxes) in enumerate(zip(logits, pred_boxes)):
+            scores, labels = image_logits.float().sigmoid().max(dim=-1)
+            order = scores.argsort(descending=True, stable=True)
+            order = order[scores[order] > threshold][:top_k]
+            frame_height, frame_width = frames[index]
+            boxes = image_boxes[order].float()
+            boxes = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], dim=-1)
+            boxes = boxes * boxes.new_tensor([frame_width, frame_height, frame_width, frame_height])
+            if target_sizes is not None:
+                (height, width), (processed_height, processed_width) = sizes[index], processed[index]
+                boxes = boxes * boxes.new_tensor([width / processed_width, height / processed_height] * 2)
+                boxes = torch.stack([boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
+                                     boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], dim=-1)
+            results.append({"scores": scores[order], "labels": labels[order], "boxes": boxes})
+        return results
+
     def to_dict(self) -> dict:
         """The saved settings. The type is the backend-neutral `XTImageProcessor`, so that a file saved by either
         backend loads with whichever `AutoImageProcessor` picks; the remote-code `auto_map` lists both backends."""
@@ -589,6 +687,54 @@ def _check_image(image, index: int, region_size: int, num_channels: int, check_s
             f"({region_size}×{region_size} px): resize it (do_resize=True rounds each side to the nearest multiple "
             f"of region_size, or also pass size={{'height': h, 'width': w}}) or use a model with a smaller region_size."
         )
+
+
+def _check_coco_annotations(annotations) -> None:
+    """COCO detection annotations, one dict per image, or a `ValueError` naming what is wrong and where."""
+    if not isinstance(annotations, list | tuple):
+        raise ValueError(f"annotations must be a dict or a list of dicts (one per image), got {type(annotations).__name__}.")
+    for image, annotation in enumerate(annotations):
+        if not isinstance(annotation, dict) or not isinstance(annotation.get("annotations"), list | tuple):
+            raise ValueError(
+                f"annotations[{image}] must be a COCO detection dict {{'image_id': ..., 'annotations': [{{'bbox': "
+                f"[x, y, w, h], 'category_id': ...}}, ...]}}, got {annotation!r:.200}."
+            )
+        for number, obj in enumerate(annotation["annotations"]):
+            bbox = obj.get("bbox") if isinstance(obj, dict) else None
+            if bbox is None or len(bbox) != 4 or not all(np.isfinite(float(v)) for v in bbox):
+                raise ValueError(f"annotations[{image}]['annotations'][{number}] needs a 'bbox' of 4 finite numbers "
+                                 f"[x, y, width, height], got {obj!r:.200}.")
+            category = obj.get("category_id")
+            if isinstance(category, bool) or not isinstance(category, int | np.integer) or category < 0:
+                raise ValueError(f"annotations[{image}]['annotations'][{number}] needs a non-negative integer "
+                                 f"'category_id', got {category!r}.")
+
+
+def coco_detection_labels(
+    annotation: dict, original_size: tuple[int, int], resized_size: tuple[int, int], padded_size: tuple[int, int]
+) -> dict:
+    """One image's COCO annotation → the `labels` dict of `XTForObjectDetection` (NumPy): each box scaled with the
+    image from `original_size` to `resized_size`, clipped to it, and normalised `(cx, cy, w, h)` by the bottom/right
+    padded `padded_size` (all `(height, width)`). Crowd objects and boxes with no area inside the image are left out."""
+    objects = [obj for obj in annotation["annotations"] if not obj.get("iscrowd", 0)]
+    (height, width), (resized_height, resized_width) = original_size, resized_size
+    padded_height, padded_width = padded_size
+    corners = np.array([obj["bbox"] for obj in objects], dtype=np.float64).reshape(-1, 4)
+    corners[:, 2:] += corners[:, :2]
+    corners *= np.array([resized_width / width, resized_height / height] * 2)
+    corners = corners.clip(0, np.array([resized_width, resized_height] * 2))
+    keep = (corners[:, 2] > corners[:, 0]) & (corners[:, 3] > corners[:, 1])
+    corners = corners[keep]
+    boxes = np.concatenate([(corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]], axis=1)
+    boxes /= np.array([padded_width, padded_height] * 2)
+    classes = np.array([obj["category_id"] for obj in objects], dtype=np.int64)[keep]
+    return {
+        "image_id": np.array([annotation.get("image_id", -1)], dtype=np.int64),
+        "class_labels": classes,
+        "boxes": boxes.astype(np.float32),
+        "orig_size": np.array([height, width], dtype=np.int64),
+        "size": np.array([resized_height, resized_width], dtype=np.int64),
+    }
 
 
 def _check_stackable(images: list, return_tensors) -> None:
