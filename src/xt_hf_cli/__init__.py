@@ -3,6 +3,7 @@
     xt-hf demo                    the packaged demo model on a generated large image
     xt-hf predict IMAGE --model   classify any supported large-image source, streaming its regions
     xt-hf segment IMAGE --model   whole-scene segmentation straight to zarr or tiled TIFF
+    xt-hf detect IMAGE --model    whole-scene object detection into GeoJSON, JSON or CSV
     xt-hf train --config FILE     fine-tune with Accelerate
 
 A package of its own, beside `xt_hf`: importing anything inside `xt_hf` imports torch and registers the
@@ -17,7 +18,7 @@ import importlib
 import sys
 
 # Modules providing `add_parser(subparsers)`, which registers a command whose `run(arguments)` does the work.
-COMMAND_MODULES = ("demo", "predict", "segment", "embed")
+COMMAND_MODULES = ("demo", "predict", "segment", "detect", "embed")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ from .context import encode_grid, encode_in_place, new_token_buffer
 from .heads import ContextHead, RegionHead
 from .scene import (
     decode_streaming,
+    detect_streaming,
     encode_context_streaming,
     encode_regions_streaming,
     predict_streaming,
@@ -28,6 +29,7 @@ __all__ = [
     "RegionReader",
     "RegionSource",
     "decode_streaming",
+    "detect_streaming",
     "encode_context_streaming",
     "encode_grid",
     "encode_in_place",

@@ -14,10 +14,12 @@ import ctypes
 import ctypes.util
 import os
 from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 import torch
 
+from ..detection_head import detections_from_dense_maps
 from ..modeling_xt import XTModelOutput
 from ..nested_tokenization import RegionIndex, new_stitched_grids, stitch_regions
 from ..region_encoder import RegionBatch
@@ -198,6 +200,43 @@ def decode_streaming(
 
 
 @torch.inference_mode()
+def detect_streaming(
+    model,
+    image,
+    *,
+    threshold: float | None = None,
+    processor=None,
+    region_batch_size: int | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+    spill_directory: str | os.PathLike | None = None,
+) -> dict[str, torch.Tensor]:
+    """Whole-scene object detection of one large image: `{"scores", "labels", "boxes"}`, boxes absolute x1, y1,
+    x2, y2 in the image's pixels.
+
+    Each region's dense maps (`decode_streaming`) give that region's detections at once (`detect_regions`, or
+    `detections_from_dense_maps` with `threshold` instead of the config's), and only those small lists are kept;
+    at the end they are merged across region borders (`merge_detections`: class-wise NMS), the same pieces in
+    the same order as the in-memory forward, so an image that fits gives the same detections either way.
+    """
+    if not hasattr(model, "detect_regions"):
+        raise ValueError(f"Detection needs an object detector (XTForObjectDetection); {type(model).__name__} is not one.")
+    if threshold is None:
+        detect = model.detect_regions
+    else:
+        detect = partial(detections_from_dense_maps, stride=model.config.decoder_output_stride, threshold=threshold,
+                         max_detections=model.config.detection_max_detections)
+    reader = region_reader_for(model, image, processor)
+    region = model.config.region_size
+    found, origins = [], []
+    for index, maps in decode_streaming(model, reader.source, processor=processor, region_batch_size=region_batch_size,
+                                        num_workers=num_workers, progress=progress, spill_directory=spill_directory):
+        found += detect(maps)
+        origins += [(col * region, row * region) for row, col in zip(index.row.tolist(), index.col.tolist())]
+    return model.merge_detections(found, origins, (reader.source.height, reader.source.width))
+
+
+@torch.inference_mode()
 def segment_streaming(
     model,
     image,
@@ -240,6 +279,7 @@ def segment_streaming(
 __all__ = [
     "RegionSource",
     "decode_streaming",
+    "detect_streaming",
     "encode_context_streaming",
     "encode_regions_streaming",
     "predict_streaming",

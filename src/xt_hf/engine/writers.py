@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
-
-import os
 
 import numpy as np
 
@@ -49,3 +50,30 @@ def write_class_map(output: Path, tiles: Iterable[tuple[int, int, np.ndarray]], 
     # Regions arrive in row-major order, the order of a tiled TIFF's tiles (one tile per region, the last row
     # and column of tiles partly outside the image): write them as they come.
     tifffile.imwrite(output, (tile for _, _, tile in tiles), shape=shape, dtype=dtype, tile=(tile_side, tile_side))
+
+
+DETECTION_SUFFIXES = (".geojson", ".json", ".csv")
+
+
+def write_detections(output: Path, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                     id2label: dict[int, str]) -> None:
+    """Detections in full-image pixels (`boxes` `(k, 4)` x1, y1, x2, y2) into `output`: a `.json` list of
+    `{"label", "score", "box"}`, a `.csv` with one row per detection, or a `.geojson` FeatureCollection of box
+    polygons in pixel coordinates (y down, as the image), with `label` and `score` properties."""
+    rows = [(id2label.get(int(label), str(int(label))), float(score), [float(v) for v in box])
+            for box, score, label in zip(boxes, scores, labels)]
+    suffix = output.suffix.lower()
+    if suffix == ".csv":
+        with open(output, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["label", "score", "x1", "y1", "x2", "y2"])
+            writer.writerows([label, f"{score:.6g}", *(f"{v:.2f}" for v in box)] for label, score, box in rows)
+        return
+    if suffix == ".json":
+        document = [{"label": label, "score": score, "box": box} for label, score, box in rows]
+    else:
+        document = {"type": "FeatureCollection", "features": [
+            {"type": "Feature", "properties": {"label": label, "score": score},
+             "geometry": {"type": "Polygon", "coordinates": [[[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]]]}}
+            for label, score, (x1, y1, x2, y2) in rows]}
+    output.write_text(json.dumps(document))
