@@ -131,11 +131,9 @@ def merge_region_detections(
     if not region_detections:
         return {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}
     device = region_detections[0]["boxes"].device
-    shifted = []
-    for detections, (x, y) in zip(region_detections, region_origins):
-        shift = torch.tensor([x, y, x, y], dtype=detections["boxes"].dtype, device=device)
-        shifted.append(detections["boxes"].to(device) + shift)
-    boxes = torch.cat(shifted)
+    counts = torch.tensor([len(d["boxes"]) for d in region_detections])
+    shifts = torch.tensor([[x, y, x, y] for x, y in region_origins], dtype=torch.float32).repeat_interleave(counts, 0)
+    boxes = torch.cat([d["boxes"].to(device) for d in region_detections]) + shifts.to(device)
     scores = torch.cat([d["scores"].to(device) for d in region_detections])
     labels = torch.cat([d["labels"].to(device) for d in region_detections])
     if image_size is not None:
@@ -172,6 +170,8 @@ def check_detection_labels(labels, batch_size: int, num_labels: int, device=None
             )
         classes = torch.as_tensor(target["class_labels"], device=device)
         boxes = torch.as_tensor(target["boxes"], device=device)
+        if classes.numel() == 0 and boxes.numel() == 0:  # an image without objects, however its empties are shaped
+            classes, boxes = classes.reshape(0).long(), boxes.reshape(0, 4)
         if classes.dim() != 1 or (classes.numel() and (classes.is_floating_point() or classes.is_complex())):
             raise ValueError(f"labels[{image}]['class_labels'] must be (m,) integers, got {classes.dtype} of shape "
                              f"{tuple(classes.shape)}.")
