@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -266,7 +267,7 @@ def test_images_without_objects_train():
 )
 def test_bad_labels_raise_naming_the_problem(labels, message):
     model = XTForObjectDetection(detection_config())
-    with pytest.raises(ValueError, match=__import__("re").escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)):
         model(torch.randn(1, 3, REGION, REGION), labels=labels)
 
 
@@ -305,7 +306,8 @@ def test_annotation_boxes_follow_resize_and_padding(processor_class):
     assert torch.isfinite(model(plain["pixel_values"], labels=plain["labels"]).loss)
 
     with pytest.raises(ValueError, match="'bbox' of 4"):
-        processor_class(region_size=REGION)(images[0], annotations={"annotations": [{"bbox": [1, 2], "category_id": 0}]})
+        processor_class(region_size=REGION)(images[0],
+                                            annotations={"annotations": [{"bbox": [1, 2], "category_id": 0}]})
     with pytest.raises(ValueError, match="category_id"):
         processor_class(region_size=REGION)(images[0], annotations={"annotations": [{"bbox": [1, 2, 3, 4]}]})
     with pytest.raises(ValueError, match="2 annotations for 1 images"):

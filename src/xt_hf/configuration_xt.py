@@ -145,9 +145,12 @@ class XTConfig(PreTrainedConfig):
         detection_nms_iou (`float`, defaults to 0.5):
             `XTForObjectDetection`: IoU above which class-wise NMS suppresses the weaker of two detections when the
             regions' detections are merged (an object crossing a region border is reported by both regions).
-        detection_heatmap_loss_weight (`float`, defaults to 1.0), detection_size_loss_weight (`float`, defaults to 0.1), detection_offset_loss_weight (`float`, defaults to 1.0):
-            `XTForObjectDetection`: weights of the heatmap focal loss and of the L1 losses on box size and centre
-            offset (CenterNet's 1, 0.1, 1).
+        detection_heatmap_loss_weight (`float`, defaults to 1.0):
+            `XTForObjectDetection`: weight of the CenterNet focal loss on the heatmap.
+        detection_size_loss_weight (`float`, defaults to 0.1):
+            `XTForObjectDetection`: weight of the L1 loss on box width and height (in output cells) at object centres.
+        detection_offset_loss_weight (`float`, defaults to 1.0):
+            `XTForObjectDetection`: weight of the L1 loss on the centre offsets (CenterNet's weights are 1, 0.1, 1).
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the truncated normal used to initialise new weights.
 

@@ -193,7 +193,9 @@ def check_detection_labels(labels, batch_size: int, num_labels: int, device=None
     return checked
 
 
-def gaussian_radius(width: torch.Tensor, height: torch.Tensor, min_overlap: float = GAUSSIAN_MIN_OVERLAP) -> torch.Tensor:
+def gaussian_radius(
+    width: torch.Tensor, height: torch.Tensor, min_overlap: float = GAUSSIAN_MIN_OVERLAP
+) -> torch.Tensor:
     """Largest corner displacement that keeps a `width × height` box's IoU with itself ≥ `min_overlap`, over
     CenterNet's three cases (box moved diagonally, shrunk, grown), each a root of a quadratic in the radius."""
     total, area, o = width + height, width * height, min_overlap

@@ -495,7 +495,8 @@ class XTImageProcessorMixin:
             resize_to = None
             if self.do_resize and self.size:
                 resize_to = self.size if isinstance(self.size, SizeDict) else SizeDict(**self.size)
-            processed = [_resized_size(h, w, self.region_size, resize_to) if self.do_resize else (h, w) for h, w in sizes]
+            processed = [_resized_size(h, w, self.region_size, resize_to) if self.do_resize else (h, w)
+                         for h, w in sizes]
             if frames is None:  # the batch was padded to its largest whole-region size
                 region = self.region_size
                 frame = (max(-(-h // region) * region if self.do_pad else h for h, _ in processed),
@@ -692,7 +693,8 @@ def _check_image(image, index: int, region_size: int, num_channels: int, check_s
 def _check_coco_annotations(annotations) -> None:
     """COCO detection annotations, one dict per image, or a `ValueError` naming what is wrong and where."""
     if not isinstance(annotations, list | tuple):
-        raise ValueError(f"annotations must be a dict or a list of dicts (one per image), got {type(annotations).__name__}.")
+        raise ValueError(
+            f"annotations must be a dict or a list of dicts (one per image), got {type(annotations).__name__}.")
     for image, annotation in enumerate(annotations):
         if not isinstance(annotation, dict) or not isinstance(annotation.get("annotations"), list | tuple):
             raise ValueError(

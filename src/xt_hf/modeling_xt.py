@@ -617,7 +617,8 @@ class XTForObjectDetection(XTPreTrainedModel):
             count = len(found["scores"])
             boxes = found["boxes"].float()
             centre = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], dim=-1)
-            logits[image, torch.arange(count, device=like.device), found["labels"]] = torch.logit(found["scores"].float())
+            rows = torch.arange(count, device=like.device)
+            logits[image, rows, found["labels"]] = torch.logit(found["scores"].float())
             pred_boxes[image, :count] = centre / scale
         return logits, pred_boxes
 
