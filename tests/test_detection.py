@@ -199,6 +199,25 @@ def test_detections_centred_in_the_padding_are_dropped_and_boxes_clipped():
     torch.testing.assert_close(merged["boxes"], torch.tensor([[6.0, 14.0, 14.0, 24.0]]))
 
 
+def test_post_processing_to_the_original_size_drops_detections_in_the_padding():
+    processor = XTImageProcessor(region_size=REGION)
+    pixel_values = processor(np.zeros((40, 50, 3), np.uint8), return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape[-2:] == (64, 64)
+    model = XTForObjectDetection(detection_config()).eval()
+    full = blank_maps(1, 16, 16)
+    put_object(full, 0, 0, 3.0, 20.0, 20.0, 8.0, 8.0)
+    put_object(full, 0, 1, 2.0, 46.0, 30.0, 12.0, 8.0)  # reaches past the right edge at x = 50
+    put_object(full, 0, 2, 1.0, 56.0, 20.0, 8.0, 8.0)  # centred in the padding
+    use_dense_maps(model, full)
+    with torch.no_grad():
+        outputs = model(pixel_values)
+    assert processor.post_process_object_detection(outputs)[0]["labels"].tolist() == [0, 1, 2]
+    [result] = processor.post_process_object_detection(outputs, target_sizes=torch.tensor([[40, 50]]))
+    assert result["labels"].tolist() == [0, 1]
+    torch.testing.assert_close(result["boxes"], torch.tensor([[16.0, 16.0, 24.0, 24.0], [40.0, 26.0, 50.0, 34.0]]))
+    assert processor.post_process_object_detection(outputs, top_k=1)[0]["labels"].tolist() == [0]
+
+
 def squares_dataset(count: int = 2, size: int = 2 * REGION):
     """Images with bright squares of class 0 and dark-framed squares of class 1, and their labels."""
     generator = torch.Generator().manual_seed(0)

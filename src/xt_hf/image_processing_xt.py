@@ -468,7 +468,8 @@ class XTImageProcessorMixin:
         `pixel_values` it was given (the processed image, padding included, `outputs.image_sizes`). Without
         `target_sizes`, boxes are in pixels of that frame. With `target_sizes` (the original `(height, width)` of
         each image, as the `object-detection` pipeline passes them), they are brought back to the original image:
-        a resize done by this processor (`do_resize`) is undone and boxes are clipped to the image.
+        a resize done by this processor (`do_resize`) is undone, detections centred in the padding are dropped and
+        boxes are clipped to the image.
 
         Args:
             outputs: the model's output (or a dict) with `logits` `(batch, detections, num_labels)` and `pred_boxes`
@@ -518,6 +519,9 @@ class XTImageProcessorMixin:
             if target_sizes is not None:
                 (height, width), (processed_height, processed_width) = sizes[index], processed[index]
                 boxes = boxes * boxes.new_tensor([width / processed_width, height / processed_height] * 2)
+                centre_x, centre_y = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+                inside = (centre_x >= 0) & (centre_x < width) & (centre_y >= 0) & (centre_y < height)
+                order, boxes = order[inside], boxes[inside]
                 boxes = torch.stack([boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
                                      boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], dim=-1)
             results.append({"scores": scores[order], "labels": labels[order], "boxes": boxes})
