@@ -27,6 +27,32 @@ with torch.inference_mode():
 label = logits.argmax(-1).item()
 print(model.config.id2label[label], logits.softmax(-1)[0, label].item())'''
 
+# What a card says for each task head: the Hub's pipeline tag and metric, the Auto class and the demo's last lines.
+TASKS = {
+    "XTForImageClassification": ("image-classification", "accuracy", "AutoModelForImageClassification", None),
+    "XTForSemanticSegmentation": ("image-segmentation", "mean_iou", "AutoModelForSemanticSegmentation", '''with torch.inference_mode():
+    outputs = model(**inputs)
+(class_map,) = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])
+print(class_map.shape, class_map.unique())'''),
+    "XTForObjectDetection": ("object-detection", "map", "AutoModelForObjectDetection", '''with torch.inference_mode():
+    outputs = model(**inputs)
+(found,) = processor.post_process_object_detection(outputs, threshold=0.3, target_sizes=[image.size[::-1]])
+print(len(found["scores"]), "objects")
+for score, label, box in zip(found["scores"], found["labels"], found["boxes"]):
+    print(model.config.id2label[int(label)], round(float(score), 3), [round(float(v), 1) for v in box])'''),
+}
+
+
+def demo_for(config, repo_id: str, image_size: int) -> str:
+    """The card's runnable snippet for the model's task (the architecture it was saved as)."""
+    architecture = next((name for name in (config.architectures or []) if name in TASKS), "XTForImageClassification")
+    _, _, auto_class, ending = TASKS[architecture]
+    demo = DEMO.format(repo_id=repo_id, image_size=image_size)
+    if ending is None:
+        return demo
+    demo = demo.replace("AutoModelForImageClassification", auto_class)
+    return demo[: demo.index("with torch.inference_mode():")] + ending
+
 
 def _describe(config) -> str:
     backbone = config.backbone_config
@@ -66,9 +92,11 @@ def render_model_card(entry: dict | None, config, repo_id: str | None = None) ->
     else:
         weights_text = "Converted with `conversion/convert_original_checkpoint.py` of xt-hf."
     notes = "\n".join(f"- {note}" for note in (entry or {}).get("notes", []) if isinstance(note, str))
+    architecture = next((name for name in (config.architectures or []) if name in TASKS), "XTForImageClassification")
+    pipeline_tag, metric, _, _ = TASKS[architecture]
     return f"""---
 library_name: transformers
-pipeline_tag: image-classification
+pipeline_tag: {pipeline_tag}
 license: mit
 tags:
 - xt
@@ -78,7 +106,7 @@ tags:
 datasets:
 - inaturalist-2018
 metrics:
-- accuracy
+- {metric}
 ---
 
 # xT {name}
@@ -102,7 +130,7 @@ long-sequence context encoder over the whole image.
 ## Use
 
 ```python
-{DEMO.format(repo_id=repo_id, image_size=image_size)}
+{demo_for(config, repo_id, image_size)}
 ```
 
 The image processor rescales, normalises with ImageNet statistics (as the original) and pads the

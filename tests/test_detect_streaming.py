@@ -88,3 +88,23 @@ def test_detect_command_writes_json_geojson_and_csv(detector, image, tmp_path, c
         main(arguments + ["--output", str(tmp_path / "boxes.json")])
     assert exited.value.code == 2 and "--overwrite" in capsys.readouterr().err
     main(arguments + ["--output", str(tmp_path / "boxes.json"), "--overwrite"])
+
+
+@pytest.mark.parametrize("head", ["XTForSemanticSegmentation", "XTForObjectDetection"])
+def test_the_model_card_of_a_dense_head_says_its_task_and_its_demo_runs(head, tmp_path, capsys, monkeypatch):
+    import re
+
+    import xt_hf
+    from conversion.model_card import render_model_card
+
+    model = getattr(xt_hf, head)(tiny_config(num_labels=2, classifier="pool", decoder_output_stride=4,
+                                             detection_threshold=0.0))
+    model.save_pretrained(tmp_path / "model")
+    XTImageProcessor(region_size=REGION).save_pretrained(tmp_path / "model")
+    card = render_model_card(None, model.config, repo_id=str(tmp_path / "model"))
+    task = {"XTForSemanticSegmentation": "image-segmentation", "XTForObjectDetection": "object-detection"}[head]
+    assert f"pipeline_tag: {task}" in card
+    demo = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    exec(compile(demo, "model-card-demo", "exec"), {})
+    assert capsys.readouterr().out.strip()
