@@ -265,6 +265,7 @@ class Journal:
         return rows
 
     def appender(self, rank: int):
+        self.directory.mkdir(parents=True, exist_ok=True)  # another node's rank may not share rank 0's disk
         path = self.directory / f"rank{rank}.jsonl"
         handle = open(path, "a")
         if handle.tell() > 0:
