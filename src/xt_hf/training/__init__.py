@@ -1,5 +1,6 @@
-"""Fine-tuning xT: settings (`arguments`), data (`data`, `segmentation_data`), tasks (`tasks`), the Accelerate
-loop (`loop`), metrics (`evaluation`, and the `evaluate` metric scripts in `metrics/`), the command (`command`).
+"""Fine-tuning xT: settings (`arguments`), data (`data`, `segmentation_data`, `detection_data`), tasks (`tasks`),
+the Accelerate loop (`loop`), metrics (`evaluation`, the `evaluate` metric scripts in `metrics/`, and COCO mAP in
+`detection_evaluation`), the command (`command`).
 
     from xt_hf.training import TrainConfig, train
     metrics = train(TrainConfig.from_dict({"model": "config.json", "dataset": "data/", "max_steps": 100}))
@@ -17,6 +18,21 @@ from .data import (
     load_splits,
     prepare_dataset,
 )
+from .detection_data import (
+    DetectionPaddingCollator,
+    XTDetectionTransform,
+    detection_id2label,
+    detection_label_names,
+    prepare_detection_dataset,
+)
+from .detection_evaluation import (
+    DetectionMeanAP,
+    compute_detection_metrics,
+    detection_metrics,
+    detection_predictions,
+    model_detections,
+    target_boxes,
+)
 from .evaluation import (
     compute_metrics,
     compute_segmentation_metrics,
@@ -30,26 +46,35 @@ from .evaluation import (
 from .loop import TrainingProgress, save_checkpoint, save_model, train
 from .metrics import ACCURACY, MEAN_IOU
 from .segmentation_data import SegmentationPaddingCollator, XTSegmentationTransform, prepare_segmentation_dataset
-from .tasks import ClassificationTask, SegmentationTask, make_task, parameter_groups
+from .tasks import ClassificationTask, DetectionTask, SegmentationTask, make_task, parameter_groups
 
 __all__ = [
     "ACCURACY",
     "MEAN_IOU",
     "BadSampleError",
     "ClassificationTask",
+    "DetectionMeanAP",
+    "DetectionPaddingCollator",
+    "DetectionTask",
     "RegionPaddingCollator",
     "SegmentationPaddingCollator",
     "SegmentationTask",
     "TrainConfig",
     "TrainingProgress",
     "XTSegmentationTransform",
+    "XTDetectionTransform",
     "XTTransform",
     "apply_overrides",
+    "compute_detection_metrics",
     "compute_metrics",
     "compute_segmentation_metrics",
     "config_from_arguments",
     "confusion_matrix",
     "dataset_label_names",
+    "detection_id2label",
+    "detection_label_names",
+    "detection_metrics",
+    "detection_predictions",
     "find_image_column",
     "has_named_labels",
     "infer_id2label",
@@ -57,15 +82,18 @@ __all__ = [
     "logits_to_class_maps",
     "make_task",
     "mean_iou",
+    "model_detections",
     "metrics_from_confusion",
     "parameter_groups",
     "parse_args",
     "prepare_dataset",
+    "prepare_detection_dataset",
     "prepare_segmentation_dataset",
     "read_config_file",
     "save_checkpoint",
     "save_model",
     "segmentation_predictions",
+    "target_boxes",
     "top_k_accuracy",
     "train",
 ]

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-TASKS = ("auto", "classification", "segmentation")
+TASKS = ("auto", "classification", "segmentation", "detection")
 
 
 @dataclass
@@ -58,8 +58,10 @@ class TrainConfig:
     image_column: str | None = field(default=None, metadata={"help": "Image column; by default the Image feature."})
     label_column: str = field(default="label", metadata={"help": "Label column (classification)."})
     task: str = field(default="auto", metadata={
-        "help": "'classification', 'segmentation', or 'auto': segmentation when the model is an "
-                "XTForSemanticSegmentation or the training split has `mask_column`, else classification."})
+        "help": "'classification', 'segmentation', 'detection', or 'auto': segmentation when the model is an "
+                "XTForSemanticSegmentation or the training split has `mask_column`, detection when the model is an "
+                "XTForObjectDetection or the training split has an `objects` column (COCO boxes), else "
+                "classification."})
     mask_column: str = field(default="mask", metadata={
         "help": "Segmentation masks: an Image feature (mode L/P/I) or 2-D array of class ids per pixel, the size "
                 "of its image; XTConfig.semantic_loss_ignore_index (255) marks unlabelled pixels."})
@@ -82,7 +84,7 @@ class TrainConfig:
     context_encoder_learning_rate: float | None = field(default=None, metadata={
         "help": "Peak LR of the context encoder. Default: learning_rate."})
     head_learning_rate: float | None = field(default=None, metadata={
-        "help": "Peak LR of the head (classifier, or segmentation decoder). Default: learning_rate."})
+        "help": "Peak LR of the head (classifier, or segmentation / detection decoder). Default: learning_rate."})
     weight_decay: float = field(default=0.05, metadata={
         "help": "AdamW weight decay (not applied to biases, norms, position or CLS tokens)."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})

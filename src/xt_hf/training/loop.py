@@ -6,9 +6,10 @@ task (`tasks.py`) says what the model, the loss and the metrics are.
 What a run writes to `output_dir`:
     checkpoints/step_000200/  `accelerator.save_state` (model, optimizer, scheduler, RNG, progress);
                               written under a `.tmp` name and renamed when complete
-    best/                     the best model by eval top-1 (segmentation: mean IoU): `save_pretrained` +
-                              image processor, loads with `AutoModelForImageClassification` (or
-                              `AutoModelForSemanticSegmentation`) `.from_pretrained`
+    best/                     the best model by eval top-1 (segmentation: mean IoU; detection: AP50):
+                              `save_pretrained` + image processor, loads with `AutoModelForImageClassification`
+                              (or `AutoModelForSemanticSegmentation`, `AutoModelForObjectDetection`)
+                              `.from_pretrained`
     metrics.jsonl             every logged metric, one JSON object per line
     train_config.yaml         the resolved settings
 A run started again with the same `output_dir` resumes from the newest complete checkpoint, at the same
@@ -53,7 +54,7 @@ class TrainingProgress:
         self.global_step = 0  # optimizer steps done
         self.epoch = 0
         self.batches_in_epoch = 0  # batches of `epoch` already consumed
-        self.best_metric = -math.inf  # the task's best_metric (top-1, or mean IoU) of the best model so far
+        self.best_metric = -math.inf  # the task's best_metric (top-1, mean IoU, or AP50) of the best model so far
         self.best_step = -1
 
     def state_dict(self) -> dict:
@@ -253,7 +254,7 @@ def train(config: TrainConfig) -> dict[str, float]:
         _verify_replicas(accelerator, model, output_dir)
     accelerator.end_training()
     if metrics:
-        best_key = "best/" + task.best_metric.split("/", 1)[1]  # best/top1 or best/mean_iou
+        best_key = "best/" + task.best_metric.split("/", 1)[1]  # best/top1, best/mean_iou or best/map_50
         metrics = {**metrics, best_key: progress.best_metric, "best/step": progress.best_step}
     return metrics
 

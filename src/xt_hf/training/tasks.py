@@ -1,12 +1,14 @@
-"""What classification and segmentation do differently: model class, class list, data, loss and metrics.
-Also the model and processor a `TrainConfig` names, and the optimizer's parameter groups.
+"""What classification, segmentation and detection do differently: model class, class list, data, loss and
+metrics. Also the model and processor a `TrainConfig` names, and the optimizer's parameter groups.
 
-Two tasks share the loop (`task`; by default segmentation when the model is an `XTForSemanticSegmentation` or
-the dataset has a `mask_column`): classification (cross-entropy with label smoothing, top-1/top-5, best model
-by top-1) and semantic segmentation (the model's own loss, mean IoU / per-class IoU / pixel accuracy, best
-model by mean IoU). Both compute their metrics with the packaged `evaluate` metrics' functions
-(`evaluation.py`): top-1 is the `accuracy` metric, the segmentation numbers are the `mean_iou` metric's.
-"""
+Three tasks share the loop (`task`; by default segmentation when the model is an `XTForSemanticSegmentation` or
+the dataset has a `mask_column`, detection when it is an `XTForObjectDetection` or the dataset has an `objects`
+column): classification (cross-entropy with label smoothing, top-1/top-5, best model by top-1), semantic
+segmentation (the model's own loss, mean IoU / per-class IoU / pixel accuracy, best model by mean IoU) and object
+detection (the model's own CenterNet loss, COCO AP / AP50 / AP-small via torchmetrics and pycocotools, best model
+by AP50). Classification and segmentation compute their metrics with the packaged `evaluate` metrics' functions
+(`evaluation.py`): top-1 is the `accuracy` metric, the segmentation numbers are the `mean_iou` metric's;
+detection's are COCO's own evaluation (`detection_evaluation.py`)."""
 
 from __future__ import annotations
 
@@ -17,10 +19,24 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig
 
-from xt_hf import XTConfig, XTForImageClassification, XTForSemanticSegmentation, XTImageProcessor
+from xt_hf import (
+    XTConfig,
+    XTForImageClassification,
+    XTForObjectDetection,
+    XTForSemanticSegmentation,
+    XTImageProcessor,
+)
 
 from .arguments import TrainConfig, read_config_file
 from .data import RegionPaddingCollator, has_named_labels, infer_id2label, prepare_dataset
+from .detection_data import (
+    DetectionPaddingCollator,
+    detection_id2label,
+    find_objects_column,
+    has_objects_column,
+    prepare_detection_dataset,
+)
+from .detection_evaluation import DetectionMeanAP, model_detections, target_boxes
 from .evaluation import (
     confusion_matrix,
     logits_to_class_maps,
@@ -33,15 +49,23 @@ from .segmentation_data import SegmentationPaddingCollator, prepare_segmentation
 logger = logging.getLogger("xt_hf.train")
 
 
-def make_task(config: TrainConfig, model_config, train_split) -> ClassificationTask | SegmentationTask:
+def make_task(config: TrainConfig, model_config, train_split) -> ClassificationTask | SegmentationTask | DetectionTask:
     """The task `config.task` names; for "auto", segmentation when the model config says it is a segmenter or
-    the training split has `config.mask_column`, else classification."""
+    the training split has `config.mask_column`, detection when it says it is a detector or the training split
+    has an `objects` column, else classification."""
     name = config.task
     if name == "auto":
         architectures = getattr(model_config, "architectures", None) or []
         is_segmenter = any(architecture.endswith("ForSemanticSegmentation") for architecture in architectures)
-        name = "segmentation" if is_segmenter or config.mask_column in train_split.column_names else "classification"
-    return SegmentationTask(config) if name == "segmentation" else ClassificationTask(config)
+        is_detector = any(architecture.endswith("ForObjectDetection") for architecture in architectures)
+        if is_segmenter or config.mask_column in train_split.column_names:
+            name = "segmentation"
+        elif is_detector or has_objects_column(train_split):
+            name = "detection"
+        else:
+            name = "classification"
+    tasks = {"segmentation": SegmentationTask, "detection": DetectionTask}
+    return tasks.get(name, ClassificationTask)(config)
 
 
 class ClassificationTask:
@@ -140,6 +164,65 @@ class SegmentationTask:
                 **segmentation_results(metrics, model_config.id2label, "eval/", pixel_accuracy_key="pixel_accuracy")}
 
 
+class DetectionTask:
+    """Boxes and their classes: `XTForObjectDetection`'s own loss (CenterNet: heatmap focal loss, size and offset
+    L1), COCO AP / AP50 / AP75 / AP-small/medium/large and class-agnostic AP from torchmetrics'
+    `MeanAveragePrecision` (pycocotools), best model by AP50 (`eval/map_50`). The classes are the dataset's
+    (`ClassLabel` names of the objects' `category_id`) or, with `label_source: model`, the model config's;
+    images without objects train on the heatmap's negatives alone."""
+
+    name = "detection"
+    best_metric = "eval/map_50"
+    model_class = XTForObjectDetection
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    def labels(self, model_config, train_split) -> tuple[dict, bool]:
+        model_labels = {int(i): name for i, name in (model_config.id2label or {}).items()}
+        data_labels = detection_id2label(train_split)
+        source = self.config.label_source
+        if source == "model" or (source == "auto" and has_named_labels(model_config)
+                                 and set(data_labels.values()) <= set(model_labels.values())):
+            return dict(id2label=model_labels, label2id={n: i for i, n in model_labels.items()}), False
+        if source == "auto" and has_named_labels(model_config):
+            logger.warning("The dataset's classes are not all among the model's id2label: training a new head on "
+                           "the dataset's %d classes.", len(data_labels))
+        return (dict(id2label=data_labels, label2id={n: i for i, n in data_labels.items()}),
+                data_labels != model_labels)
+
+    def prepare(self, split, processor, model_config):
+        return prepare_detection_dataset(split, processor, num_labels=model_config.num_labels,
+                                         label2id=model_config.label2id, image_column=self.config.image_column,
+                                         objects_column=find_objects_column(split))
+
+    def collator(self, processor, model_config):
+        return DetectionPaddingCollator(processor.region_size, processor.pad_value)
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+
+    def evaluate(self, model, loader, accelerator) -> dict[str, float]:
+        """The model's loss, and COCO metrics over every image of the eval split (all processes' detections
+        gathered, the samples repeated to even out the last batch dropped)."""
+        model_config = accelerator.unwrap_model(model).config
+        metric = DetectionMeanAP(model_config.id2label)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        loss_count = torch.zeros((), device=accelerator.device)
+        for batch in loader:
+            outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+            loss_sum += outputs.loss.float() * len(batch["labels"])
+            loss_count += len(batch["labels"])
+            frame = tuple(batch["pixel_values"].shape[-2:])
+            pairs = list(zip(model_detections(outputs.logits, outputs.pred_boxes, frame),
+                             target_boxes(batch["labels"], frame)))
+            if accelerator.num_processes > 1:
+                pairs = accelerator.gather_for_metrics(pairs, use_gather_object=True)
+            metric.update([p for p, _ in pairs], [t for _, t in pairs])
+        loss = accelerator.reduce(loss_sum, reduction="sum") / accelerator.reduce(loss_count, reduction="sum")
+        return {"eval/loss": loss.item(), **{f"eval/{key}": value for key, value in metric.compute().items()}}
+
+
 def choose_labels(config: TrainConfig, model_config, train_split) -> tuple[dict[int, str], bool]:
     """The class list to train with, and whether it differs from the model config's (a new head)."""
     model_labels = {int(i): name for i, name in (model_config.id2label or {}).items()}
@@ -231,5 +314,5 @@ def parameter_groups(model, config: TrainConfig) -> list[dict]:
     ]
 
 
-__all__ = ["ClassificationTask", "SegmentationTask", "choose_labels", "is_config_file", "load_model_and_processor",
-           "load_model_config", "make_task", "parameter_groups"]
+__all__ = ["ClassificationTask", "DetectionTask", "SegmentationTask", "choose_labels", "is_config_file",
+           "load_model_and_processor", "load_model_config", "make_task", "parameter_groups"]
