@@ -330,6 +330,18 @@ def test_post_process_semantic_segmentation_returns_scores_on_request(processor)
     assert uncropped[1].segmentation_scores.shape == (3, 32, 48)
 
 
+def test_post_processing_undoes_a_resize_of_the_inputs():
+    """With `do_resize` and a `size`, the class map comes back at each original size (this raised a TypeError)."""
+    from types import SimpleNamespace
+
+    processor = XTImageProcessor(region_size=REGION, do_resize=True, size={"height": 2 * REGION, "width": 3 * REGION})
+    images = [np.zeros((20, 37, 3), dtype=np.uint8), np.zeros((30, 17, 3), dtype=np.uint8)]
+    pixel_values = processor(images, return_tensors="pt")["pixel_values"]
+    outputs = SimpleNamespace(logits=torch.randn(2, 3, *pixel_values.shape[-2:]))
+    maps = processor.post_process_semantic_segmentation(outputs, target_sizes=[(20, 37), (30, 17)])
+    assert [tuple(m.shape) for m in maps] == [(20, 37), (30, 17)]
+
+
 # --- The torchvision backend ----------------------------------------------------------------------------------------
 
 

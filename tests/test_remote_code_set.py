@@ -7,7 +7,7 @@ import sys
 
 from conftest import tiny_config
 
-from xt_hf import XTForImageClassification, XTForSemanticSegmentation, XTImageProcessor
+from xt_hf import XTForImageClassification, XTForObjectDetection, XTForSemanticSegmentation, XTImageProcessor
 
 ALLOWED_TOP_LEVEL = {"torch", "transformers", "huggingface_hub", "numpy", "PIL", "torchvision", "mamba_ssm",
                      "causal_conv1d"}
@@ -29,11 +29,12 @@ def imported_modules(path) -> set[str]:
 
 
 def test_saved_models_ship_only_the_model_files_with_harmless_imports(tmp_path):
-    for model in (XTForImageClassification(tiny_config()), XTForSemanticSegmentation(tiny_config())):
+    for model in (XTForImageClassification(tiny_config()), XTForSemanticSegmentation(tiny_config()),
+                  XTForObjectDetection(tiny_config(classifier="pool"))):
         model.save_pretrained(tmp_path)
     XTImageProcessor(region_size=32).save_pretrained(tmp_path)
     shipped = {path.name: path for path in tmp_path.glob("*.py")}
-    assert "modeling_xt.py" in shipped and "configuration_xt.py" in shipped
+    assert {"modeling_xt.py", "configuration_xt.py", "detection_head.py"} <= set(shipped)
     assert not {"spill.py", "sources.py", "scene.py", "streaming.py"} & set(shipped)
     for name, path in shipped.items():
         for module in imported_modules(path):

@@ -342,6 +342,10 @@ class XTImageProcessorMixin:
                         f"channel (a processor built with image_mean and image_std of n values has num_channels=n)."
                     )
 
+    def _size_dict(self) -> SizeDict:
+        """`size` as a `SizeDict` (it is one once set through the constructor, a dict when assigned by hand)."""
+        return self.size if isinstance(self.size, SizeDict) else SizeDict(**self.size)
+
     def _normalized_images(self, images: list, *, region_size: int, do_resize: bool, size: SizeDict | None, resample,
                            do_rescale: bool, rescale_factor: float | None, do_normalize: bool, image_mean, image_std,
                            num_channels: int) -> list:
@@ -429,7 +433,7 @@ class XTImageProcessorMixin:
             scores = [image_logits.float() for image_logits in logits]
         else:
             sizes = [tuple(int(v) for v in size) for size in target_sizes]
-            resize_to = SizeDict(**self.size) if self.do_resize and self.size else None
+            resize_to = self._size_dict() if self.do_resize and self.size else None
             processed = [
                 _resized_size(height, width, self.region_size, resize_to) if self.do_resize else (height, width)
                 for height, width in sizes
@@ -495,7 +499,7 @@ class XTImageProcessorMixin:
                 raise ValueError(f"Got {len(sizes)} target sizes for a batch of {len(logits)} images.")
             resize_to = None
             if self.do_resize and self.size:
-                resize_to = self.size if isinstance(self.size, SizeDict) else SizeDict(**self.size)
+                resize_to = self._size_dict()
             processed = [_resized_size(h, w, self.region_size, resize_to) if self.do_resize else (h, w)
                          for h, w in sizes]
             if frames is None:  # the batch was padded to its largest whole-region size
