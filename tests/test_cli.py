@@ -256,7 +256,8 @@ def test_rescale_factor_sets_how_raw_pixels_are_scaled(folders, tmp_path, capsys
 
 
 @pytest.mark.parametrize("argv, status", [(["--help"], 0), (["predict", "--help"], 0), (["segment", "--help"], 0),
-                                          (["demo", "--help"], 0), (["predict", "x", "--model", "m", "--top-k", "-1"], 2),
+                                          (["demo", "--help"], 0), (["detect", "--help"], 0), (["embed", "--help"], 0),
+                                          (["predict", "x", "--model", "m", "--top-k", "-1"], 2),
                                           (["nonsense"], 2)])
 def test_help_and_argument_errors_answer_without_importing_torch(argv, status):
     """`xt-hf --help` and argument errors must answer at once: torch (and xt_hf with it) is imported only by a
