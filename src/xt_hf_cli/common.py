@@ -173,7 +173,8 @@ def run_many(arguments: argparse.Namespace, *, command: str, auto_class, columns
         images = expand_inputs(arguments.images)
     except ValueError as error:
         fail(str(error))
-    signature = {"command": command, "model": arguments.model, "dtype": arguments.dtype,
+    model_id = os.path.realpath(arguments.model) if Path(arguments.model).expanduser().exists() else arguments.model
+    signature = {"command": command, "model": model_id, "dtype": arguments.dtype,
                  "rescale_factor": arguments.rescale_factor, **signature}
     try:
         Journal(output).check_signature(signature)
