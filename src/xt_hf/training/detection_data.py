@@ -276,11 +276,10 @@ def prepare_detection_dataset(
             raise ValueError("Pass num_labels or label2id (the model config's) to prepare_detection_dataset.")
         num_labels = len(label2id)
     label_names = detection_label_names(dataset, objects_column)
-    if label2id is not None and label_names is not None and not set(label_names) <= set(label2id):
-        # The model's names are placeholders (LABEL_0...) or others: the dataset's ids are the model's ids.
-        label2id = None if all(str(key).startswith("LABEL_") for key in label2id) else label2id
-        if label2id is None:
-            label_names = None
+    placeholders = label2id is not None and all(str(key).startswith("LABEL_") for key in label2id)
+    if label2id is None or label_names is None or (placeholders and not set(label_names) <= set(label2id)):
+        # No names on one side (or transformers' LABEL_i placeholders): the dataset's ids are the model's ids.
+        label2id = label_names = None
     dataset = _undecoded_with_sample_index(dataset, [image_column])
     dataset.set_transform(XTDetectionTransform(
         processor, num_labels=num_labels, label2id=label2id, label_names=label_names, image_column=image_column,

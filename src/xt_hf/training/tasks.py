@@ -192,8 +192,9 @@ class DetectionTask:
                 data_labels != model_labels)
 
     def prepare(self, split, processor, model_config):
+        label2id = model_config.label2id or {name: int(i) for i, name in (model_config.id2label or {}).items()}
         return prepare_detection_dataset(split, processor, num_labels=model_config.num_labels,
-                                         label2id=model_config.label2id, image_column=self.config.image_column,
+                                         label2id=label2id, image_column=self.config.image_column,
                                          objects_column=find_objects_column(split))
 
     def collator(self, processor, model_config):
