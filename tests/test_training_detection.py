@@ -142,8 +142,9 @@ def test_class_names_map_by_name_and_columnar_objects_work():
 
     processor = XTImageProcessor(region_size=REGION)
     image = np.zeros((64, 64, 3), np.uint8)
+    names = ClassLabel(names=["yellow zone", "red zone"])
     features = Features({"image": Image(), "objects": {"bbox": List(List(Value("float32"), length=4)),
-                                                       "category": List(ClassLabel(names=["yellow zone", "red zone"]))}})
+                                                       "category": List(names)}})
     data = Dataset.from_dict({"image": [image], "objects": [{"bbox": [[1, 2, 3, 4]], "category": [0]}]},
                              features=features)
     dataset = prepare_detection_dataset(data, processor, label2id={"red zone": 0, "yellow zone": 1})
@@ -200,6 +201,11 @@ def test_map_of_perfect_predictions_is_one_and_of_shifted_boxes_lower():
     wrong_class = [{**p, "labels": 1 - p["labels"]} for p in perfect]
     swapped = detection_metrics(wrong_class, targets, ID2LABEL)
     assert swapped["map_50"] == pytest.approx(0.0) and swapped["map_50_agnostic"] == pytest.approx(1.0)
+    # Unsure of the class: every box reported under both classes. Class-wise about half; the boxes are all found.
+    both = [{"boxes": torch.cat([p["boxes"], p["boxes"]]), "labels": torch.cat([p["labels"], 1 - p["labels"]]),
+             "scores": torch.cat([p["scores"], p["scores"] - 0.01])} for p in perfect]
+    unsure = detection_metrics(both, targets, ID2LABEL)
+    assert unsure["map_50_agnostic"] == pytest.approx(1.0) and unsure["map_50"] < 1.0
 
 
 def test_model_outputs_and_labels_become_pixel_boxes():

@@ -3,8 +3,9 @@ pycocotools backend (the COCO evaluation itself, not a re-implementation):
 
 - `map` (AP, IoU 0.50:0.95), `map_50` (AP50), `map_75`, `map_small` / `map_medium` / `map_large` (COCO's areas:
   below 32², 32²–96², above 96² px), `mar_100` (AR with 100 detections per image), `ap_<class>` per class;
-- `map_agnostic` and `map_50_agnostic`: the same with every class merged into one, so that finding the boxes is
-  scored apart from naming their class.
+- `map_agnostic` and `map_50_agnostic`: the same with every class merged into one (and the same box reported under
+  two classes counted once: class-agnostic NMS at IoU 0.7), so that finding the boxes is scored apart from naming
+  their class.
 
 A metric that has nothing to score (no object of that size in the ground truth) is -1, as COCO reports it.
 Boxes are scored in pixels of the frame the model saw (the padded batch, after a `do_resize`), so that the size
@@ -27,6 +28,7 @@ import torch
 
 from .evaluation import metric_name
 
+AGNOSTIC_NMS_IOU = 0.7
 SUMMARY_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
 
 
@@ -72,15 +74,29 @@ def _as_tensor(value) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
 
 
+def class_agnostic(prediction: Mapping[str, torch.Tensor], iou_threshold: float = 0.7) -> dict[str, torch.Tensor]:
+    """One image's detections as a single class: every label 0, and a box that another box of a higher score covers
+    with IoU above `iou_threshold` dropped (class-agnostic NMS), so that the same object reported under two
+    classes (a detector unsure of the class puts a peak in both heatmaps) counts once, not once right and once as a
+    false positive."""
+    from torchvision.ops import nms
+
+    keep = nms(prediction["boxes"].float(), prediction["scores"].float(), iou_threshold)
+    return {"boxes": prediction["boxes"][keep], "scores": prediction["scores"][keep],
+            "labels": torch.zeros_like(prediction["labels"][keep])}
+
+
 class DetectionMeanAP:
     """COCO mAP of a whole eval split, class-wise and class-agnostic: two torchmetrics `MeanAveragePrecision`
     (`box_format="xyxy"`, `backend="pycocotools"`) fed the same boxes. `update` takes per-image dicts as
     `model_detections` and `target_boxes` give them; `compute` returns plain floats (see the module)."""
 
-    def __init__(self, id2label: Mapping[int, str] | None = None, backend: str = "pycocotools"):
+    def __init__(self, id2label: Mapping[int, str] | None = None, backend: str = "pycocotools",
+                 agnostic_iou: float = AGNOSTIC_NMS_IOU):
         from torchmetrics.detection import MeanAveragePrecision
 
         self.id2label = {int(k): v for k, v in (id2label or {}).items()}
+        self.agnostic_iou = agnostic_iou
         options = dict(box_format="xyxy", iou_type="bbox", backend=backend, sync_on_compute=False)
         self.classwise = MeanAveragePrecision(class_metrics=True, **options)
         self.agnostic = MeanAveragePrecision(**options)
@@ -93,7 +109,7 @@ class DetectionMeanAP:
                        for p in predictions]
         targets = [{"boxes": t["boxes"].float(), "labels": t["labels"].long()} for t in targets]
         self.classwise.update(predictions, targets)
-        self.agnostic.update([{**p, "labels": torch.zeros_like(p["labels"])} for p in predictions],
+        self.agnostic.update([class_agnostic(p, self.agnostic_iou) for p in predictions],
                              [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets])
 
     def compute(self) -> dict[str, float]:
@@ -198,6 +214,7 @@ if __name__ == "__main__":
 
 __all__ = [
     "DetectionMeanAP",
+    "class_agnostic",
     "compute_detection_metrics",
     "cxcywh_to_xyxy",
     "detection_metrics",
