@@ -18,6 +18,7 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..detection_head import detections_from_dense_maps
 from ..modeling_xt import XTModelOutput
@@ -47,12 +48,14 @@ def region_reader_for(model, image, processor=None) -> RegionReader:
 
 
 def region_feed(model, reader: RegionReader, *, region_batch_size: int | None = None, num_workers: int = 0,
-                progress: bool = False, description: str = "regions") -> Iterator[RegionBatch]:
-    """The lazy feed of the model's region loop: regions read from disk in row-major order, `region_batch_size`
-    at a time (read ahead by `num_workers` processes), on the model's device and dtype."""
+                progress: bool = False, description: str = "regions", regions: range | None = None,
+                ) -> Iterator[RegionBatch]:
+    """The lazy feed of the model's region loop: regions read from disk in row-major order (all, or the numbers in
+    `regions`), `region_batch_size` at a time (read ahead by `num_workers` processes), on the model's device and
+    dtype."""
     parameter = next(model.parameters())
     batch_size = region_batch_size or model.config.region_batch_size or DEFAULT_REGION_BATCH_SIZE
-    batches = reader.batches(batch_size, num_workers)
+    batches = reader.batches(batch_size, num_workers, regions)
     if progress:
         from tqdm.auto import tqdm
 
@@ -97,13 +100,17 @@ def encode_context_streaming(
     num_workers: int = 0,
     progress: bool = False,
     spill_directory: str | os.PathLike | None = None,
-) -> tuple[XTModelOutput, tuple[int, int]]:
+    shard_regions: bool = False,
+) -> tuple[XTModelOutput | None, tuple[int, int]]:
     """`XTModel`'s output for one large image read region by region, and the deepest stage's stitched grid
     size `(H_S, W_S)`.
 
     Memory holds the model, one chunk of regions and the tokens. With `spill_directory` (CPU), the tokens and
     the attention blocks' buffer of heads' outputs live in files there instead, and memory holds chunks
     (`spill.py`); `last_hidden_state` is then a view of that file, deleted when no tensor uses it any more.
+
+    With `shard_regions` (under torch.distributed), the processes share the region stage and rank 0 alone gets
+    the output (the others get `None`): see `_encode_context_across_processes`.
     """
     xt = model.base_model
     if xt.context_encoder is None:
@@ -111,24 +118,93 @@ def encode_context_streaming(
                                            num_workers=num_workers, progress=progress, last_stage_only=True)
         return xt.encode_context([grid]), tuple(grid.shape[-2:])
     reader = region_reader_for(model, image, processor)
+    if shard_regions:
+        return _encode_context_across_processes(model, reader, region_batch_size=region_batch_size,
+                                                num_workers=num_workers, progress=progress,
+                                                spill_directory=spill_directory)
     feed = region_feed(model, reader, region_batch_size=region_batch_size, num_workers=num_workers, progress=progress)
     encoder, tokens = xt.context_encoder, None
-    for index, feature_maps in xt.region_encoder.encode_batches(feed):
-        features = feature_maps[-1]  # (n, C, h, w)
-        count, channels, height, width = features.shape
+    for flat, embedded, grid_shape in _embedded_regions(model, reader, feed):
         if tokens is None:
-            grid_shape = (reader.rows * height, reader.cols * width)
-            tokens = new_token_buffer(encoder, 1, grid_shape[0] * grid_shape[1], device=features.device,
+            tokens = new_token_buffer(encoder, 1, grid_shape[0] * grid_shape[1], device=embedded.device,
                                       spill_directory=spill_directory)
             grid_tokens = encoder.split_cls(tokens)[0]
-        row, col = _token_cells(index, height, width)
-        embedded = encoder.embed_tokens(features.permute(0, 2, 3, 1).reshape(1, -1, channels), row, col)
-        flat = row * grid_shape[1] + col
         grid_tokens[:, flat] = embedded
         release_pages(grid_tokens[:, flat.min() : flat.max() + 1])
-    del features, embedded, feature_maps
+    del embedded
     _return_freed_memory()
     return xt.output_from_encoding(encode_in_place(encoder, tokens)), grid_shape
+
+
+def _embedded_regions(model, reader: RegionReader, feed: Iterator[RegionBatch]):
+    """Each batch of regions through the model's region loop and into context tokens: `(flat grid positions (k,),
+    embedded tokens (1, k, hidden), token grid shape)`."""
+    xt = model.base_model
+    for index, feature_maps in xt.region_encoder.encode_batches(feed):
+        features = feature_maps[-1]  # (n, C, h, w)
+        _, channels, height, width = features.shape
+        grid_shape = (reader.rows * height, reader.cols * width)
+        row, col = _token_cells(index, height, width)
+        embedded = xt.context_encoder.embed_tokens(features.permute(0, 2, 3, 1).reshape(1, -1, channels), row, col)
+        yield row * grid_shape[1] + col, embedded, grid_shape
+
+
+# Tokens per message when ranks hand their embedded tokens to rank 0: bounds what a message holds.
+_TOKENS_PER_MESSAGE = 2**16
+
+
+def _encode_context_across_processes(model, reader: RegionReader, *, region_batch_size, num_workers, progress,
+                                     spill_directory):
+    """The region stage of one image shared between the processes of `torch.distributed` (each takes a contiguous
+    share of the regions in row-major order), the embedded tokens sent to rank 0, which alone runs the context
+    encoder. Rank 0 returns what `encode_context_streaming` returns; the other ranks return `(None, grid_shape)`.
+
+    Regions are independent, so the region stage (nearly all the time) parallelises perfectly; the context encoder
+    runs on one device and bounds the rest. Each rank keeps only its own share of tokens until it sends them.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("shard_regions needs torch.distributed to be initialised (torchrun, accelerate launch, or "
+                         "torch.distributed.init_process_group).")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    total = reader.rows * reader.cols
+    share = range(rank * total // world, (rank + 1) * total // world)
+    feed = region_feed(model, reader, region_batch_size=region_batch_size, num_workers=num_workers,
+                       progress=progress and rank == 0, regions=share)
+    pieces = list(_embedded_regions(model, reader, feed))
+    device = next(model.parameters()).device
+    grid_shape = pieces[0][2] if pieces else None
+    shapes = [None] * world
+    dist.all_gather_object(shapes, grid_shape)
+    grid_shape = next(shape for shape in shapes if shape is not None)
+    encoder = model.base_model.context_encoder
+    hidden = encoder.input_proj.weight.shape[0]
+    flat = torch.cat([piece[0] for piece in pieces]) if pieces else torch.zeros(0, dtype=torch.long, device=device)
+    embedded = torch.cat([piece[1][0] for piece in pieces]) if pieces else encoder.input_proj.weight.new_zeros(0, hidden)
+    del pieces
+    if rank != 0:
+        count = torch.tensor([len(flat)], device=device)
+        dist.send(count, dst=0)
+        for start in range(0, len(flat), _TOKENS_PER_MESSAGE):
+            dist.send(flat[start : start + _TOKENS_PER_MESSAGE].contiguous(), dst=0)
+            dist.send(embedded[start : start + _TOKENS_PER_MESSAGE].contiguous(), dst=0)
+        return None, grid_shape
+    tokens = new_token_buffer(encoder, 1, grid_shape[0] * grid_shape[1], device=device, spill_directory=spill_directory)
+    grid_tokens = encoder.split_cls(tokens)[0]
+    grid_tokens[0, flat] = embedded
+    del flat, embedded
+    for source in range(1, world):
+        count = torch.zeros(1, dtype=torch.long, device=device)
+        dist.recv(count, src=source)
+        for start in range(0, int(count), _TOKENS_PER_MESSAGE):
+            size = min(_TOKENS_PER_MESSAGE, int(count) - start)
+            positions = torch.empty(size, dtype=torch.long, device=device)
+            values = grid_tokens.new_empty(size, hidden)
+            dist.recv(positions, src=source)
+            dist.recv(values, src=source)
+            grid_tokens[0, positions] = values
+            release_pages(grid_tokens[:, int(positions.min()) : int(positions.max()) + 1])
+    _return_freed_memory()
+    return model.base_model.output_from_encoding(encode_in_place(encoder, tokens)), grid_shape
 
 
 def _token_cells(index: RegionIndex, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,10 +234,10 @@ def _return_freed_memory() -> None:
 @torch.inference_mode()
 def predict_streaming(model, image, **options) -> torch.Tensor:
     """A whole-image head's outputs (`ContextHead`: classification logits `(1, num_labels)`) for one large image
-    read region by region; `options` as `encode_context_streaming`'s."""
+    read region by region; `options` as `encode_context_streaming`'s (with `shard_regions`, `None` on ranks but 0)."""
     require_head(model, ContextHead, "Whole-image prediction")
     output, _ = encode_context_streaming(model, image, **options)
-    return model.logits_from_context(output)
+    return None if output is None else model.logits_from_context(output)
 
 
 @torch.inference_mode()

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..image_processing_xt import normalize_pixels
 from ..nested_tokenization import region_grid_shape
@@ -216,7 +216,9 @@ class RegionReader(Dataset):
             raise ValueError(f"Region (row {row}, column {col}) contains NaN or infinite values.")
         return torch.from_numpy(region), row, col
 
-    def batches(self, batch_size: int, num_workers: int = 0) -> DataLoader:
-        """Regions in order, `batch_size` at a time, read ahead by `num_workers` background processes."""
-        return DataLoader(self, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+    def batches(self, batch_size: int, num_workers: int = 0, regions: range | None = None) -> DataLoader:
+        """Regions in order (all, or the row-major numbers in `regions`), `batch_size` at a time, read ahead by
+        `num_workers` background processes."""
+        dataset = self if regions is None else Subset(self, regions)
+        return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
                           prefetch_factor=2 if num_workers else None)
