@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -50,3 +55,23 @@ def test_sharding_needs_torch_distributed():
     image = np.zeros((REGION, REGION, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="torch.distributed"):
         encode_context_streaming(model, image, shard_regions=True)
+
+
+def test_predict_command_shares_one_image_between_processes(tmp_path):
+    """`torchrun --nproc_per_node 2 -m xt_hf predict IMAGE --shard-regions`: rank 0 prints what one process prints."""
+    torch.manual_seed(0)
+    XTForImageClassification(tiny_config(context_token_chunk_size=7)).save_pretrained(tmp_path / "model")
+    np.save(tmp_path / "image.npy", np.random.default_rng(0).integers(0, 256, (3 * REGION, 5 * REGION, 3), np.uint8))
+    command = ["-m", "xt_hf", "predict", str(tmp_path / "image.npy"), "--model", str(tmp_path / "model"), "--json",
+               "--region-batch-size", "1", "--device", "cpu"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300, env=environment)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29531", *command, "--shard-regions"], capture_output=True, text=True, timeout=300,
+                         env=environment)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    (line,) = [line for line in two.stdout.splitlines() if line.startswith("{")]  # rank 0 alone prints
+    expected = json.loads(one.stdout.strip().splitlines()[-1])["predictions"]
+    assert json.loads(line)["predictions"] == expected
+    alone = subprocess.run([sys.executable, *command, "--shard-regions"], capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 2 and "torchrun" in alone.stderr

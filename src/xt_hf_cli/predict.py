@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
     add_streaming_arguments(parser)
     parser.add_argument("--top-k", type=positive_int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--shard-regions", action="store_true",
+                        help="one image under torchrun / accelerate launch: the processes share its regions, rank 0 "
+                             "runs the context encoder and prints")
     parser.set_defaults(run=run)
 
 
@@ -84,6 +87,13 @@ def run_one(arguments: argparse.Namespace) -> None:
 
     check_spill_directory(arguments.spill_dir)
     device = resolve_device(arguments.device)
+    if arguments.shard_regions:
+        from xt_hf.engine.batch import distributed_state
+
+        state = distributed_state(cpu=device.type == "cpu")
+        if state is None:
+            fail("--shard-regions shares one image between processes: launch with torchrun or accelerate launch")
+        device = state.device if device.type == "cuda" else device
     model, processor = load_for_inference(AutoModelForImageClassification, arguments.model, device,
                                           getattr(torch, arguments.dtype), task="xt-hf predict")
     processor = with_rescale_factor(processor, model, arguments.rescale_factor)
@@ -97,9 +107,11 @@ def run_one(arguments: argparse.Namespace) -> None:
     try:
         logits = predict_streaming(model, source, processor=processor, region_batch_size=arguments.region_batch_size,
                                    num_workers=arguments.num_workers, progress=not arguments.json,
-                                   spill_directory=arguments.spill_dir)
+                                   spill_directory=arguments.spill_dir, shard_regions=arguments.shard_regions)
     except ValueError as error:
         fail(str(error))
+    if logits is None:  # a rank other than 0 of --shard-regions: its regions went to rank 0
+        return
     seconds = time.perf_counter() - start
     probabilities = logits.float().softmax(-1)[0]
     top = probabilities.topk(min(arguments.top_k, probabilities.numel()))
