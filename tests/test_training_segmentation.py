@@ -238,7 +238,7 @@ def test_task_follows_the_model_or_the_mask_column(coastline_data):
     assert make_task(without_masks, segmenter, train).name == "segmentation"
     assert make_task(TrainConfig(**settings, task="classification"), segmenter, train).name == "classification"
     with pytest.raises(ValueError, match="`task` must be one of"):
-        TrainConfig.from_dict({**settings, "task": "detection"})
+        TrainConfig.from_dict({**settings, "task": "keypoints"})
 
 
 def test_segmentation_decoder_learns_at_the_head_rate():
