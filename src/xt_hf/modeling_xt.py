@@ -315,8 +315,48 @@ class XTForImageClassification(XTPreTrainedModel):
         return self.classifier(encoded.pooler_output)
 
 
+class XTRegionDecoderModel(XTPreTrainedModel):
+    """What heads that decode each region from its own multi-scale features and its context tokens share
+    (segmentation, detection): the encoded scene laid out for them, and their output resolution."""
+
+    def encode_for_regions(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None, output_attentions: bool | None
+    ) -> tuple[XTModelOutput, torch.Tensor | None, int, int]:
+        """The encoder's output (with every stage's stitched features), the context tokens on the deepest stage's
+        grid (`context_grid`), and the grid's rows and columns of regions."""
+        outputs = self.xt(
+            pixel_values,
+            output_region_features=True,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        rows, cols = region_grid_shape(*pixel_values.shape[-2:], self.config.region_size)
+        context = self.context_grid(outputs.last_hidden_state, outputs.region_feature_maps[-1].shape[-2:])
+        return outputs, context, rows, cols
+
+    def context_grid(self, tokens: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor | None:
+        """Context-encoded tokens `(batch, H_S·W_S, D)` put back on the deepest stitched stage's grid of
+        `grid_shape` `(H_S, W_S)`: `(batch, D, H_S, W_S)`; `None` without a context encoder."""
+        if self.xt.context_encoder is None:
+            return None
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid_shape)
+
+    def at_output_resolution(self, region_maps: torch.Tensor) -> torch.Tensor:
+        """Regions' decoded maps `(n, C, h, w)` at the output resolution, `region_size / decoder_output_stride`."""
+        side = self.config.region_size // self.config.decoder_output_stride
+        if region_maps.shape[-2:] != (side, side):
+            region_maps = F.interpolate(region_maps, size=(side, side), mode="bilinear", align_corners=False)
+        return region_maps
+
+    def cropped(self, maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Stitched output maps without the rows and columns that cover only the padding of a `height × width` input."""
+        stride = self.config.decoder_output_stride
+        return maps[..., : -(-height // stride), : -(-width // stride)]
+
+
 @auto_docstring
-class XTForSemanticSegmentation(XTPreTrainedModel):
+class XTForSemanticSegmentation(XTRegionDecoderModel):
     """xT with a per-region U-Net decoder: multi-scale region features plus context-encoded tokens → logits.
 
     Logits cover the input at `1 / decoder_output_stride` of its resolution (padding cropped away).
@@ -350,18 +390,8 @@ class XTForSemanticSegmentation(XTPreTrainedModel):
                 f"labels must be (batch, height, width) = {(pixel_values.shape[0], height, width)} to match "
                 f"pixel_values, got {tuple(labels.shape)}."
             )
-        outputs = self.xt(
-            pixel_values,
-            output_region_features=True,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
-        )
-        rows, cols = region_grid_shape(height, width, self.config.region_size)
-        context = self.context_grid(outputs.last_hidden_state, outputs.region_feature_maps[-1].shape[-2:])
-        logits = self.decode(outputs.region_feature_maps, context, rows, cols)
-        stride = self.config.decoder_output_stride
-        logits = logits[..., : -(-height // stride), : -(-width // stride)]
+        outputs, context, rows, cols = self.encode_for_regions(pixel_values, output_hidden_states, output_attentions)
+        logits = self.cropped(self.decode(outputs.region_feature_maps, context, rows, cols), height, width)
 
         loss = None
         if labels is not None:
@@ -370,22 +400,11 @@ class XTForSemanticSegmentation(XTPreTrainedModel):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
-    def context_grid(self, tokens: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor | None:
-        """Context-encoded tokens `(batch, H_S·W_S, D)` put back on the deepest stitched stage's grid of
-        `grid_shape` `(H_S, W_S)`: `(batch, D, H_S, W_S)`; `None` without a context encoder."""
-        if self.xt.context_encoder is None:
-            return None
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid_shape)
-
     def decode_regions(self, stage_features: list[torch.Tensor], context: torch.Tensor | None) -> torch.Tensor:
         """Regions' stage maps `(n, C_s, h_s, w_s)` (and their context tokens `(n, D, h, w)`) → their logits
         `(n, num_labels, R/stride, R/stride)`. A region's output depends on nothing else, which is what lets an
         engine decode a whole scene region by region."""
-        logits = self.decoder(stage_features, context)
-        side = self.config.region_size // self.config.decoder_output_stride
-        if logits.shape[-2:] != (side, side):
-            logits = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False)
-        return logits
+        return self.at_output_resolution(self.decoder(stage_features, context))
 
     def decode(
         self, region_feature_maps: tuple[torch.Tensor, ...], context: torch.Tensor | None, rows: int, cols: int
@@ -466,7 +485,7 @@ class XTObjectDetectionOutput(ModelOutput):
 
 
 @auto_docstring
-class XTForObjectDetection(XTPreTrainedModel):
+class XTForObjectDetection(XTRegionDecoderModel):
     """xT for small objects in huge scenes: the per-region U-Net decoder (multi-scale region features plus the
     region's context tokens) feeds an anchor-free, CenterNet-style dense head at `1 / decoder_output_stride`: a class
     heatmap, box sizes and centre offsets (`detection_head.py`).
@@ -509,18 +528,10 @@ class XTForObjectDetection(XTPreTrainedModel):
         targets = None
         if labels is not None:
             targets = check_detection_labels(labels, batch, self.config.num_labels, pixel_values.device)
-        outputs = self.xt(
-            pixel_values,
-            output_region_features=True,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
-        )
-        rows, cols = region_grid_shape(height, width, self.config.region_size)
-        context = self.context_grid(outputs.last_hidden_state, outputs.region_feature_maps[-1].shape[-2:])
+        outputs, context, rows, cols = self.encode_for_regions(pixel_values, output_hidden_states, output_attentions)
         maps, detections = self.decode(outputs.region_feature_maps, context, rows, cols, image_size=(height, width))
+        maps = self.cropped(maps, height, width)
         stride = self.config.decoder_output_stride
-        maps = maps[..., : -(-height // stride), : -(-width // stride)]
         logits, pred_boxes = self.padded_detections(detections, (height, width), maps)
 
         loss = loss_dict = None
@@ -542,22 +553,11 @@ class XTForObjectDetection(XTPreTrainedModel):
             attentions=outputs.attentions,
         )
 
-    def context_grid(self, tokens: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor | None:
-        """Context-encoded tokens `(batch, H_S·W_S, D)` on the deepest stitched stage's grid: `(batch, D, H_S, W_S)`;
-        `None` without a context encoder."""
-        if self.xt.context_encoder is None:
-            return None
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid_shape)
-
     def decode_regions(self, stage_features: list[torch.Tensor], context: torch.Tensor | None) -> torch.Tensor:
         """Regions' stage maps `(n, C_s, h_s, w_s)` (and their context tokens `(n, D, h, w)`) → their dense maps
         `(n, num_labels + 4, R/s, R/s)`: heatmap logits, then box width, height, then centre offset x, y, sizes and
         offsets in output cells (`s = decoder_output_stride` pixels). A region's maps depend on nothing else."""
-        hidden = self.decoder(stage_features, context)
-        side = self.config.region_size // self.config.decoder_output_stride
-        if hidden.shape[-2:] != (side, side):
-            hidden = F.interpolate(hidden, size=(side, side), mode="bilinear", align_corners=False)
-        return self.detection_head(hidden)
+        return self.detection_head(self.at_output_resolution(self.decoder(stage_features, context)))
 
     def detect_regions(self, maps: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """`detections_from_dense_maps` of regions' maps with the config's stride, threshold and limit."""
