@@ -126,6 +126,19 @@ def load_for_inference(auto_class, model_id: str, device, dtype, *, task: str):
     return model.to(device, dtype).eval(), processor
 
 
+def load_streaming_model(arguments: argparse.Namespace, auto_class, *, task: str, state=None):
+    """What every whole-scene command does before its work: the spill directory checked, the device resolved
+    (one of several processes, `state`, takes its own GPU), the model loaded for `task` and the processor given
+    `--rescale-factor`. Returns `(model, processor, device)`."""
+    import torch
+
+    check_spill_directory(arguments.spill_dir)
+    device = resolve_device(arguments.device, state)
+    model, processor = load_for_inference(auto_class, arguments.model, device, getattr(torch, arguments.dtype),
+                                          task=task)
+    return model, with_rescale_factor(processor, model, arguments.rescale_factor), device
+
+
 def check_spill_directory(path: str | None) -> None:
     """A spill directory must exist before an hour of region encoding starts."""
     if path is None or Path(path).is_dir():
@@ -160,8 +173,6 @@ def run_many(arguments: argparse.Namespace, *, command: str, auto_class, columns
     Usage errors (no inputs, an output that cannot be written, a table of another run) stop before the model
     loads. Under `accelerate launch` / `torchrun` the inputs are shared between the processes.
     """
-    import torch
-
     from xt_hf.engine.batch import Journal, distributed_state, expand_inputs, run_batch
 
     output = Path(arguments.output)
@@ -180,12 +191,8 @@ def run_many(arguments: argparse.Namespace, *, command: str, auto_class, columns
         Journal(output).check_signature(signature)
     except ValueError as error:
         fail(f"--output {output}: {error}")
-    check_spill_directory(arguments.spill_dir)
     state = distributed_state(cpu=arguments.device == "cpu")
-    device = resolve_device(arguments.device, state)
-    model, processor = load_for_inference(auto_class, arguments.model, device, getattr(torch, arguments.dtype),
-                                          task=f"xt-hf {command}")
-    processor = with_rescale_factor(processor, model, arguments.rescale_factor)
+    model, processor, _ = load_streaming_model(arguments, auto_class, task=f"xt-hf {command}", state=state)
     summary = run_batch(images, make_work(model, processor, images), output, columns=columns, signature=signature,
                         state=state)
     if state is None or state.is_main_process:

@@ -6,8 +6,7 @@ import argparse
 import resource
 import time
 
-from .common import (add_streaming_arguments, check_spill_directory, fail, load_for_inference, resolve_device,
-                     with_rescale_factor)
+from .common import add_streaming_arguments, fail, load_streaming_model
 
 
 def add_parser(subparsers) -> None:
@@ -23,7 +22,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(arguments: argparse.Namespace) -> None:
-    import torch
     from transformers import AutoModelForObjectDetection
 
     from xt_hf.engine import detect_streaming
@@ -35,11 +33,7 @@ def run(arguments: argparse.Namespace) -> None:
         fail(f"--output {arguments.output}: {error}")
     if not 0.0 <= arguments.threshold <= 1.0:
         fail(f"--threshold {arguments.threshold}: a score between 0 and 1")
-    check_spill_directory(arguments.spill_dir)
-    device = resolve_device(arguments.device)
-    model, processor = load_for_inference(AutoModelForObjectDetection, arguments.model, device,
-                                          getattr(torch, arguments.dtype), task="xt-hf detect")
-    processor = with_rescale_factor(processor, model, arguments.rescale_factor)
+    model, processor, _ = load_streaming_model(arguments, AutoModelForObjectDetection, task="xt-hf detect")
     start = time.perf_counter()
     try:
         detections = detect_streaming(

@@ -15,15 +15,12 @@ from .common import (
     TABLE_SUFFIXES,
     add_inputs_argument,
     add_streaming_arguments,
-    check_spill_directory,
     fail,
     is_table,
-    load_for_inference,
+    load_streaming_model,
     positive_int,
-    resolve_device,
     run_many,
     streaming_options,
-    with_rescale_factor,
 )
 
 COLUMNS = {"path": "string", "labels": "list<string>", "scores": "list<float64>", "seconds": "float64",
@@ -85,18 +82,15 @@ def run_one(arguments: argparse.Namespace) -> None:
     from xt_hf.engine import open_region_source, predict_streaming
     from xt_hf.nested_tokenization import region_grid_shape
 
-    check_spill_directory(arguments.spill_dir)
-    device = resolve_device(arguments.device)
+    state = None
     if arguments.shard_regions:
         from xt_hf.engine.batch import distributed_state
 
-        state = distributed_state(cpu=device.type == "cpu")
+        state = distributed_state(cpu=arguments.device == "cpu")
         if state is None:
             fail("--shard-regions shares one image between processes: launch with torchrun or accelerate launch")
-        device = state.device if device.type == "cuda" else device
-    model, processor = load_for_inference(AutoModelForImageClassification, arguments.model, device,
-                                          getattr(torch, arguments.dtype), task="xt-hf predict")
-    processor = with_rescale_factor(processor, model, arguments.rescale_factor)
+    model, processor, device = load_streaming_model(arguments, AutoModelForImageClassification, task="xt-hf predict",
+                                                    state=state)
     try:
         source = open_region_source(arguments.image, model.config.region_size)
     except ValueError as error:

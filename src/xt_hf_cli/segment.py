@@ -13,8 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .common import (add_inputs_argument, add_streaming_arguments, check_spill_directory, fail, is_table,
-                     load_for_inference, resolve_device, run_many, streaming_options, with_rescale_factor)
+from .common import (add_inputs_argument, add_streaming_arguments, fail, is_table, load_streaming_model, run_many,
+                     streaming_options)
 
 COLUMNS = {"path": "string", "mask": "string", "height": "int64", "width": "int64", "seconds": "float64",
            "error": "string"}
@@ -92,7 +92,6 @@ def _remove(path: Path) -> None:
 
 
 def run_one(arguments: argparse.Namespace) -> None:
-    import torch
     from transformers import AutoModelForSemanticSegmentation
 
     from xt_hf.engine import segment_streaming
@@ -102,11 +101,7 @@ def run_one(arguments: argparse.Namespace) -> None:
         check_output_path(arguments.output, suffixes=CLASS_MAP_SUFFIXES, overwrite=arguments.overwrite)
     except ValueError as error:
         fail(f"--output {arguments.output}: {error}")
-    check_spill_directory(arguments.spill_dir)
-    device = resolve_device(arguments.device)
-    model, processor = load_for_inference(AutoModelForSemanticSegmentation, arguments.model, device,
-                                          getattr(torch, arguments.dtype), task="xt-hf segment")
-    processor = with_rescale_factor(processor, model, arguments.rescale_factor)
+    model, processor, _ = load_streaming_model(arguments, AutoModelForSemanticSegmentation, task="xt-hf segment")
     start = time.perf_counter()
     try:
         height, width = segment_streaming(
