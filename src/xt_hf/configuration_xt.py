@@ -136,6 +136,11 @@ class XTConfig(PreTrainedConfig):
             Label value that segmentation losses ignore (unlabelled pixels).
         semantic_loss_dice_weight (`float`, defaults to 0.0):
             Weight of a soft Dice loss added to the segmentation cross-entropy.
+        region_presence_loss_weight (`float`, defaults to 0.0):
+            `XTForSemanticSegmentation` and `XTForObjectDetection`: weight of an auxiliary training loss in which each
+            region's deepest tokens (context-encoded when there is a context encoder) predict which classes occur in
+            the region (`region_presence.py`). It gives the context encoder a direct training signal; 0 adds no head
+            and no weights. Inference never uses it.
         detection_threshold (`float`, defaults to 0.05):
             `XTForObjectDetection`: a heatmap peak (score = sigmoid of its logit) becomes a candidate detection when
             its score is above this; must be in [0, 1). Post-processing thresholds the merged detections again.
@@ -222,6 +227,7 @@ class XTConfig(PreTrainedConfig):
     decoder_output_stride: int = 1
     semantic_loss_ignore_index: int = 255
     semantic_loss_dice_weight: float | int = 0.0
+    region_presence_loss_weight: float | int = 0.0
     detection_threshold: float | int = 0.05
     detection_max_detections: int = 100
     detection_nms_iou: float | int = 0.5
@@ -328,6 +334,8 @@ class XTConfig(PreTrainedConfig):
             )
         if self.semantic_loss_dice_weight < 0:
             raise ValueError(f"`semantic_loss_dice_weight` must be ≥ 0, got {self.semantic_loss_dice_weight}.")
+        if self.region_presence_loss_weight < 0:
+            raise ValueError(f"`region_presence_loss_weight` must be ≥ 0, got {self.region_presence_loss_weight}.")
         if not 0 <= self.detection_threshold < 1:
             raise ValueError(f"`detection_threshold` must be in [0, 1), got {self.detection_threshold}.")
         if not isinstance(self.detection_max_detections, int) or self.detection_max_detections < 1:

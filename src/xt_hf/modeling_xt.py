@@ -31,6 +31,7 @@ from .nested_tokenization import (
     stitch_regions,
 )
 from .region_encoder import XTRegionEncoder
+from .region_presence import XTRegionPresenceHead, presence_from_boxes, presence_from_masks, region_presence_loss
 from .segmentation_decoder import XTSegmentationDecoder
 
 
@@ -335,6 +336,21 @@ class XTRegionDecoderModel(XTPreTrainedModel):
         context = self.context_grid(outputs.last_hidden_state, outputs.region_feature_maps[-1].shape[-2:])
         return outputs, context, rows, cols
 
+    def new_region_presence_head(self) -> XTRegionPresenceHead | None:
+        """The auxiliary head of `region_presence_loss_weight` on the tokens the decoder fuses at its deepest stage
+        (context tokens, or the region encoder's own without a context encoder); `None` when the weight is 0."""
+        config = self.config
+        if not config.region_presence_loss_weight:
+            return None
+        width = config.context_hidden_size if config.context_encoder != "none" else self.xt.region_encoder.channels[-1]
+        return XTRegionPresenceHead(width, config.num_labels)
+
+    def region_presence_logits(
+        self, outputs: XTModelOutput, context: torch.Tensor | None, rows: int, cols: int
+    ) -> torch.Tensor:
+        """`(batch, rows, cols, num_labels)` logits of the region presence head."""
+        return self.region_presence(outputs.region_feature_maps[-1] if context is None else context, rows, cols)
+
     def context_grid(self, tokens: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor | None:
         """Context-encoded tokens `(batch, H_S·W_S, D)` put back on the deepest stitched stage's grid of
         `grid_shape` `(H_S, W_S)`: `(batch, D, H_S, W_S)`; `None` without a context encoder."""
@@ -367,6 +383,7 @@ class XTForSemanticSegmentation(XTRegionDecoderModel):
         self.xt = XTModel(config)
         context_channels = config.context_hidden_size if config.context_encoder != "none" else 0
         self.decoder = XTSegmentationDecoder(config, self.xt.region_encoder.channels, context_channels)
+        self.region_presence = self.new_region_presence_head()
         self.post_init()
 
     @can_return_tuple
@@ -396,6 +413,11 @@ class XTForSemanticSegmentation(XTRegionDecoderModel):
         loss = None
         if labels is not None:
             loss = self.segmentation_loss(logits, labels)
+            if self.region_presence is not None:
+                presence = presence_from_masks(labels, self.config.num_labels, self.config.region_size,
+                                               self.config.semantic_loss_ignore_index)
+                presence_loss = region_presence_loss(self.region_presence_logits(outputs, context, rows, cols), presence)
+                loss = loss + self.config.region_presence_loss_weight * presence_loss
         return SemanticSegmenterOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -504,6 +526,7 @@ class XTForObjectDetection(XTRegionDecoderModel):
         self.decoder = XTSegmentationDecoder(config, self.xt.region_encoder.channels, context_channels)
         self.decoder.classifier = nn.Identity()
         self.detection_head = XTCenterNetHead(config.decoder_hidden_size, config.num_labels)
+        self.region_presence = self.new_region_presence_head()
         self.post_init()
 
     @can_return_tuple
@@ -539,6 +562,11 @@ class XTForObjectDetection(XTRegionDecoderModel):
             weights = (self.config.detection_heatmap_loss_weight, self.config.detection_size_loss_weight,
                        self.config.detection_offset_loss_weight)
             loss, loss_dict = centernet_loss(maps, targets, image_size=(height, width), stride=stride, weights=weights)
+            if self.region_presence is not None:
+                presence = presence_from_boxes(targets, self.config.num_labels, (height, width), self.config.region_size)
+                presence_loss = region_presence_loss(self.region_presence_logits(outputs, context, rows, cols), presence)
+                loss_dict["loss_region_presence"] = presence_loss
+                loss = loss + self.config.region_presence_loss_weight * presence_loss
         num_labels = self.config.num_labels
         return XTObjectDetectionOutput(
             loss=loss,
