@@ -3,10 +3,11 @@
     python benchmarks/context_gain.py --task coastline --workdir runs/coastline                  # the documented table
     python benchmarks/context_gain.py --task coastline --workdir runs/one --data-seeds 0 --train-seeds 0   # one pair
     python benchmarks/context_gain.py --task beacons --workdir runs/beacons                      # the detection task
+    python benchmarks/context_gain.py --task relations --workdir runs/relations                  # the classification task
 
 For every data seed the task's generator writes a dataset (train, validation, test); for every training seed
-both models are trained with identical settings from `configs/train/<task>_{context,nocontext}.yaml`
-(they differ only in `context_encoder`); each keeps its best checkpoint on `validation`, and `test` is scored
+both models are trained with identical settings from the task's two configs in `configs/train/` (they
+differ only in the context encoder); each keeps its best checkpoint on `validation`, and `test` is scored
 once, afterwards. The script prints every run, the per-pair gain (same data seed, same training seed), and
 mean ± standard deviation (n - 1) of each metric, then says which targets hold on every seed pair.
 
@@ -50,18 +51,18 @@ class Task:
     """A synthetic context task: how to generate it, train on it and score it."""
 
     name: str
-    configs: str  # configs/train/<configs>_{context,nocontext}.yaml
+    configs: dict[str, str]  # variant → training config in configs/train/
     generator_options: dict
+    full: Setting
     metrics: tuple[str, ...]  # what `score` returns, in table order
     targets: dict = field(default_factory=dict)  # metric → (minimum of the context model, minimum gain), per pair
 
     def generate(self, folder: Path, seed: int, setting: Setting) -> None:
-        if self.name == "coastline":
-            from xt_hf.synthetic.coastline import generate_dataset
-        else:
-            from xt_hf.synthetic.detection import generate_dataset
-        dataset = generate_dataset(setting.train, setting.test, num_validation=setting.validation, seed=seed,
-                                   **self.generator_options)
+        from xt_hf.synthetic import coastline, detection, relations
+
+        generator = {"coastline": coastline, "beacons": detection, "relations": relations}[self.name]
+        dataset = generator.generate_dataset(setting.train, setting.test, num_validation=setting.validation,
+                                             seed=seed, **self.generator_options)
         dataset.save_to_disk(str(folder))
 
     def score(self, model: Path, data: Path, seed: int) -> dict[str, float]:
@@ -72,6 +73,10 @@ class Task:
             coast_free = report["vessel_accuracy"]["region_shows_no_land"]
             return {"test_mean_iou": report["mean_iou"], "coast_free_vessel_accuracy": coast_free["accuracy"],
                     "coast_free_vessels": coast_free["vessels"]}
+        if self.name == "relations":
+            from xt_hf.synthetic.relations import evaluate_model
+
+            return {"test_top1": evaluate_model(str(model), str(data), "test")["top1"]}
         from xt_hf.training.detection_evaluation import evaluate_saved_detector
 
         report = evaluate_saved_detector(str(model), str(data), "test")
@@ -82,24 +87,31 @@ class Task:
 TASKS = {
     "coastline": Task(
         name="coastline",
-        configs="coastline",
+        configs={"context": "coastline_context.yaml", "nocontext": "coastline_nocontext.yaml"},
         generator_options=dict(image_size=256, region_size=32, near_distance=3.5, margin=0.5, num_vessels=(30, 40)),
+        full=Setting(train=800, validation=64, test=128, max_steps=1000, eval_steps=100),
         metrics=("test_mean_iou", "coast_free_vessel_accuracy"),
         targets={"coast_free_vessel_accuracy": (0.75, None), "test_mean_iou": (None, 0.05)},
     ),
     "beacons": Task(
         name="beacons",
-        configs="detection",
+        configs={"context": "detection_context.yaml", "nocontext": "detection_nocontext.yaml"},
         generator_options=dict(image_size=192, region_size=64, num_objects=(4, 8), margin=24.0),
+        full=Setting(train=800, validation=64, test=128, max_steps=1500, eval_steps=150),
         metrics=("test_ap50", "test_ap", "test_class_agnostic_ap50"),
         targets={"test_ap50": (None, 0.10)},
     ),
+    "relations": Task(
+        name="relations",
+        configs={"context": "relations_xt.yaml", "nocontext": "relations_pool.yaml"},
+        generator_options={},
+        full=Setting(train=4000, validation=256, test=1000, max_steps=500, eval_steps=100, batch_size=16),
+        metrics=("test_top1",),
+        targets={"test_top1": (None, 0.5)},
+    ),
 }
 
-SETTINGS = {
-    "full": Setting(train=800, validation=64, test=128, max_steps=1000, eval_steps=100),
-    "smoke": Setting(train=4, validation=2, test=2, max_steps=2, eval_steps=2, batch_size=2),
-}
+SMOKE = Setting(train=4, validation=2, test=2, max_steps=2, eval_steps=2, batch_size=2)
 
 
 def dataset_folder(workdir: Path, task: Task, setting_name: str, seed: int, setting: Setting) -> Path:
@@ -127,7 +139,7 @@ def train_and_score(task: Task, setting: Setting, data: Path, data_seed: int, tr
     if result_file.exists():
         return json.loads(result_file.read_text())
     command = [sys.executable, "-m", "xt_hf.training",
-               "--config", str(REPOSITORY / "configs" / "train" / f"{task.configs}_{variant}.yaml"),
+               "--config", str(REPOSITORY / "configs" / "train" / task.configs[variant]),
                "--dataset", str(data), "--output-dir", str(run_dir), "--seed", str(train_seed),
                "--max-steps", str(setting.max_steps), "--eval-steps", str(setting.eval_steps),
                "--batch-size", str(setting.batch_size), "--checkpointing-steps", "null"]
@@ -192,7 +204,8 @@ def report(task: Task, results: list[dict]) -> tuple[str, bool]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="coastline")
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="full")
+    parser.add_argument("--setting", choices=["full", "smoke"], default="full",
+                        help="full: the documented sizes and steps of the task; smoke: a few tiny images, 2 steps")
     parser.add_argument("--data-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--workdir", type=Path, required=True, help="data, runs and the table go here")
@@ -200,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     if arguments.jobs < 1:
         parser.error("--jobs must be ≥ 1")
-    task, setting = TASKS[arguments.task], SETTINGS[arguments.setting]
+    task = TASKS[arguments.task]
+    setting = task.full if arguments.setting == "full" else SMOKE
     workdir = arguments.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

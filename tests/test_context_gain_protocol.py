@@ -16,7 +16,7 @@ def protocol(*arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *arguments], capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("task", ["coastline", "beacons"])
+@pytest.mark.parametrize("task", ["coastline", "beacons", "relations"])
 def test_the_protocol_trains_both_models_scores_them_and_resumes(tmp_path, task):
     workdir = tmp_path / "protocol"
     first = protocol("--task", task, "--setting", "smoke", "--data-seeds", "3", "--train-seeds", "5",
