@@ -45,6 +45,10 @@ class XTConfig(PreTrainedConfig):
         region_encoder_output_norm (`bool`, defaults to `False`):
             Keep the per-stage output LayerNorm that transformers backbones (Hiera, ConvNeXt) add.
             *(released: False: timm's `features_only` Swin and `HieraWrapper` output un-normalised maps.)*
+        region_encoder_attention (`str`, defaults to `"sdpa"`):
+            Window attention of a Swin-v2 region encoder: `"sdpa"` (`swinv2_attention.py`: one fused
+            `scaled_dot_product_attention` call per block, same weights, outputs within float rounding) or
+            `"eager"` (transformers' own modules, the reference). Other backbones ignore it.
         region_batch_size (`int`, *optional*):
             Encode at most this many regions at a time. Bounds peak memory; never changes outputs.
             `None` encodes all regions of the batch at once.
@@ -186,6 +190,7 @@ class XTConfig(PreTrainedConfig):
     region_size: int = 256
     backbone_config: dict | PreTrainedConfig | None = None
     region_encoder_output_norm: bool = False
+    region_encoder_attention: Literal["eager", "sdpa"] = "sdpa"
     region_batch_size: int | None = None
     grad_ratio: float | int = 1.0
 
