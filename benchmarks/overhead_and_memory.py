@@ -54,13 +54,16 @@ def timed(function, device) -> float:
     return time.perf_counter() - start
 
 
-def measure_overhead(side: int, repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
+def measure_overhead(side: int, repeats: int, device: torch.device, dtype: torch.dtype,
+                     region_batch_size: int = 16) -> dict:
     from xt_hf import XTForImageClassification
     from xt_hf.nested_tokenization import nested_tokenize, region_batches
 
     torch.manual_seed(0)
-    plain = XTForImageClassification(swin_t_xt_config(context=False, region_batch_size=16)).to(device, dtype).eval()
-    released = XTForImageClassification(swin_t_xt_config(context=True, region_batch_size=16)).to(device, dtype).eval()
+    plain = XTForImageClassification(swin_t_xt_config(context=False, region_batch_size=region_batch_size))
+    plain = plain.to(device, dtype).eval()
+    released = XTForImageClassification(swin_t_xt_config(context=True, region_batch_size=region_batch_size))
+    released = released.to(device, dtype).eval()
     released.xt.region_encoder.load_state_dict(plain.xt.region_encoder.state_dict())
     backbone = plain.xt.region_encoder.backbone
     pixel_values = torch.randn(1, 3, side, side, device=device, dtype=dtype)
@@ -68,8 +71,8 @@ def measure_overhead(side: int, repeats: int, device: torch.device, dtype: torch
     regions = nested_tokenize(pixel_values, every_region)
 
     def backbone_alone():
-        for start in range(0, len(regions), 16):
-            backbone(regions[start : start + 16])
+        for start in range(0, len(regions), region_batch_size):
+            backbone(regions[start : start + region_batch_size])
 
     runs = {"backbone": backbone_alone, "xt_no_context": lambda: plain(pixel_values),
             "xt_released_context": lambda: released(pixel_values)}
