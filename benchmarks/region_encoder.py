@@ -13,7 +13,8 @@ the same `--regions` regions for every path. All timings are interleaved in one 
    achieved rate is compared with this machine's rate on one large matrix product of the same dtype, the practical
    ceiling (`--peak-gflops-per-core` adds the nominal one).
 2. Overhead: xT forward with the released "hyper" context / region encoder alone, at `--side`² with the default
-   `region_batch_size` (`overhead_and_memory.measure_overhead`), at the first thread count.
+   `region_batch_size` (`overhead_and_memory.measure_overhead`), at the first thread count; and the same ratio in
+   FLOPs, the time ratio's floor when the context encoder runs no faster than the region encoder.
 3. Memory: peak RSS growth of one xT forward at `--side`², each setting in a fresh process: as before this work
    (eager attention, all regions at once) and with the defaults; plus the forward time with the default
    `region_batch_size` against all regions at once (same process, interleaved).
@@ -27,6 +28,7 @@ import statistics
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 # benchmarks/ is on sys.path when run as a script
@@ -50,10 +52,28 @@ def region_encoders(compile_backbone: bool) -> dict[str, torch.nn.Module]:
     return encoders
 
 
-def flops_per_region(eager: torch.nn.Module) -> float:
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        eager(torch.randn(1, 3, 256, 256))
+def counted_flops(function) -> float:
+    """FLOPs of matrix products and convolutions, attention included: SDPA runs its math path here, which the
+    counter sees as matrix products."""
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        function()
     return counter.get_total_flops()
+
+
+def flops_per_region(eager: torch.nn.Module) -> float:
+    return counted_flops(lambda: eager(torch.randn(1, 3, 256, 256)))
+
+
+def xt_flops_ratio(side: int) -> float:
+    """FLOPs of the released-context xT forward at `side`² over those of its region encoder alone on the same
+    regions: the floor of the time ratio when both run at the same rate."""
+    from xt_hf import XTForImageClassification
+
+    model = XTForImageClassification(swin_t_xt_config(context=True)).eval()
+    regions = (side // 256) ** 2
+    whole = counted_flops(lambda: model(torch.randn(1, 3, side, side)))
+    alone = counted_flops(lambda: model.xt.region_encoder.backbone(torch.randn(1, 3, 256, 256)))
+    return whole / (regions * alone)
 
 
 def gemm_gflops(dtype: torch.dtype, repeats: int = 5, size: int = 2048) -> float:
@@ -153,8 +173,8 @@ def main() -> None:
         print(f"2. Overhead at {arguments.side}² ({overhead['regions']} regions, threads={threads[0]}, "
               f"region_batch_size={default_batch}): region encoder alone {seconds['backbone']:.2f} s, "
               f"xT released context {seconds['xt_released_context']:.2f} s, "
-              f"ratio {overhead['ratio_xt_released_context']:.3f} (no context: {overhead['ratio_xt_no_context']:.3f})",
-              flush=True)
+              f"ratio {overhead['ratio_xt_released_context']:.3f} (no context: {overhead['ratio_xt_no_context']:.3f}); "
+              f"FLOPs xT / region encoder {xt_flops_ratio(arguments.side):.3f}", flush=True)
 
     if not arguments.skip_memory:
         before = measure_memory(arguments.side, None, "cpu", "float32", attention="eager")

@@ -40,11 +40,9 @@ class Swinv2SdpaSelfAttention(Swinv2SelfAttention):
             return super().forward(hidden_states, attention_mask, output_attentions=True)
         windows, tokens, channels = hidden_states.shape
         heads, head_dim = self.num_attention_heads, self.attention_head_size
-        query, key, value = self._project_qkv(hidden_states).unbind(0)  # each (windows, heads, N, head_dim)
-        temperature = torch.clamp(self.logit_scale, max=_MAX_LOGIT_SCALE).exp()  # (heads, 1, 1)
-        # Cosine attention with the temperature folded into the query's inverse norm: one pass over the query.
-        query = query * (temperature / torch.linalg.vector_norm(query, dim=-1, keepdim=True).clamp_min(1e-12))
-        key = F.normalize(key, dim=-1)
+        qkv = self._project_qkv(hidden_states)  # (windows, N, 3, heads, head_dim)
+        query, key = self._cosine_query_key(qkv)  # each (windows, heads, N, head_dim)
+        value = qkv[:, :, 2].transpose(1, 2)
         bias = self.relative_position_bias().to(query.dtype).unsqueeze(0)  # (1, heads, N, N): 4-D for the fused kernel
         dropout = self.dropout.p if self.training else 0.0
         if attention_mask is None:
@@ -61,7 +59,7 @@ class Swinv2SdpaSelfAttention(Swinv2SelfAttention):
         return (attended.transpose(1, 2).reshape(windows, tokens, channels),)
 
     def _project_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`(windows, N, C)` → `(3, windows, heads, N, head_dim)` from one matrix product: the three projections
+        """`(windows, N, C)` → `(windows, N, 3, heads, head_dim)` from one matrix product: the three projections
         concatenated on the fly (a copy of 3·C² weights, small next to the activations), the key's missing bias
         as zeros."""
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
@@ -69,8 +67,26 @@ class Swinv2SdpaSelfAttention(Swinv2SelfAttention):
         if self.query.bias is not None:
             bias = torch.cat([self.query.bias, torch.zeros_like(self.query.bias), self.value.bias])
         windows, tokens, _ = hidden_states.shape
-        qkv = F.linear(hidden_states, weight, bias)
-        return qkv.view(windows, tokens, 3, self.num_attention_heads, self.attention_head_size).permute(2, 0, 3, 1, 4)
+        return F.linear(hidden_states, weight, bias).view(windows, tokens, 3, self.num_attention_heads,
+                                                           self.attention_head_size)
+
+    def _cosine_query_key(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`normalize(q) · τ_h` and `normalize(k)`, each `(windows, heads, N, head_dim)`, from `(windows, N, 3,
+        heads, head_dim)` projections.
+
+        The norms are taken over the projections as they lie in memory (the value's too: a norm over the strided
+        per-head view is several times slower than over contiguous rows), and without autograd the scaled rows
+        are written straight into the per-head layout the attention kernel reads, in one pass.
+        """
+        windows, tokens, _, heads, head_dim = qkv.shape
+        temperature = torch.clamp(self.logit_scale, max=_MAX_LOGIT_SCALE).exp().view(heads, 1)
+        factors = torch.stack([temperature, torch.ones_like(temperature)])  # (2, heads, 1): query, key
+        norms = torch.linalg.vector_norm(qkv, dim=-1, keepdim=True)[:, :, :2].clamp_min(1e-12)
+        if torch.is_grad_enabled() and (qkv.requires_grad or factors.requires_grad):  # `out=` has no autograd
+            return (qkv[:, :, :2] * (factors / norms)).permute(2, 0, 3, 1, 4).unbind(0)
+        scaled = qkv.new_empty((2, windows, heads, tokens, head_dim))
+        torch.mul(qkv[:, :, :2], factors / norms, out=scaled.permute(1, 3, 0, 2, 4))
+        return scaled.unbind(0)
 
     def relative_position_bias(self) -> torch.Tensor:
         """`(heads, N, N)`: `16 · sigmoid` of the continuous position bias MLP, looked up for every token pair.
