@@ -38,7 +38,8 @@ def swin_t_xt_config(context: bool, region_batch_size: int | None = None, region
                         context_hidden_size=768, context_num_layers=2, classifier="context", num_labels=284,
                         region_batch_size=region_batch_size, region_encoder_attention=region_encoder_attention)
     return XTConfig(region_size=256, backbone_config=backbone, context_encoder="none", classifier="pool",
-                    num_labels=284, region_batch_size=region_batch_size, region_encoder_attention=region_encoder_attention)
+                    num_labels=284, region_batch_size=region_batch_size,
+                    region_encoder_attention=region_encoder_attention)
 
 
 def synchronize(device):
@@ -113,7 +114,8 @@ def peak_memory_child(side: int, region_batch_size: int | None, device_name: str
             start = time.perf_counter()
             model(pixel_values)
             seconds = time.perf_counter() - start
-    result = {"peak_rss_growth_mb": rss.growth_mib, "seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result = {"peak_rss_growth_mb": rss.growth_mib, "seconds": seconds,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
         result["cuda_peak_growth_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
     print(json.dumps(result))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -182,7 +181,8 @@ def main() -> None:
         chunked = measure_default_chunking_time(arguments.side, arguments.overhead_repeats)
         print(f"3. Memory at {arguments.side}²: peak RSS growth {before['peak_rss_growth_mb']:.0f} MB before "
               f"(eager, all regions at once) → {now['peak_rss_growth_mb']:.0f} MB with the defaults (sdpa, "
-              f"region_batch_size={default_batch}): ratio {now['peak_rss_growth_mb'] / before['peak_rss_growth_mb']:.2f}; "
+              f"region_batch_size={default_batch}): "
+              f"ratio {now['peak_rss_growth_mb'] / before['peak_rss_growth_mb']:.2f}; "
               f"time with region_batch_size={default_batch} / all at once (sdpa, threads={threads[0]}): "
               f"{chunked['default'] / chunked['all']:.3f}", flush=True)
 

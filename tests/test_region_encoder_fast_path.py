@@ -111,7 +111,8 @@ def test_sdpa_attention_gradients_match_eager():
         set_swinv2_attention(backbone, implementation)
         backbone.zero_grad()
         sum(maps.square().mean() for maps in backbone(regions).feature_maps).backward()
-        gradients[implementation] = {name: p.grad.clone() for name, p in backbone.named_parameters() if p.grad is not None}
+        gradients[implementation] = {name: parameter.grad.clone() for name, parameter in backbone.named_parameters()
+                                     if parameter.grad is not None}
     assert gradients["sdpa"].keys() == gradients["eager"].keys()
     assert any("logit_scale" in name for name in gradients["eager"])
     for name, reference in gradients["eager"].items():
