@@ -91,8 +91,9 @@ class Swinv2SdpaSelfAttention(Swinv2SelfAttention):
     def relative_position_bias(self) -> torch.Tensor:
         """`(heads, N, N)`: `16 · sigmoid` of the continuous position bias MLP, looked up for every token pair.
 
-        Depends on weights only, but is recomputed each call (once per block per forward, not per window):
-        about a million multiply-adds, and never stale after a weight update.
+        Depends on weights only, but is recomputed each call (once per block per forward, not per window): a
+        512-wide MLP over the (2·window − 1)² offsets, a few million multiply-adds, and never stale after a weight
+        update.
         """
         tokens = self.window_size[0] * self.window_size[1]
         table = self.continuous_position_bias_mlp(self.relative_coords_table).view(-1, self.num_attention_heads)
