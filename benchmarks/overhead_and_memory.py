@@ -28,7 +28,7 @@ import torch
 from peak_memory import PeakRSS  # benchmarks/ is on sys.path when run as a script
 
 
-def swin_t_xt_config(context: bool, region_batch_size: int | None = None):
+def swin_t_xt_config(context: bool, region_batch_size: int | None = None, region_encoder_attention: str = "sdpa"):
     from xt_hf import XTConfig
 
     backbone = dict(model_type="swinv2", embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
@@ -36,9 +36,10 @@ def swin_t_xt_config(context: bool, region_batch_size: int | None = None):
     if context:
         return XTConfig(region_size=256, backbone_config=backbone, context_encoder="attention",
                         context_hidden_size=768, context_num_layers=2, classifier="context", num_labels=284,
-                        region_batch_size=region_batch_size)
+                        region_batch_size=region_batch_size, region_encoder_attention=region_encoder_attention)
     return XTConfig(region_size=256, backbone_config=backbone, context_encoder="none", classifier="pool",
-                    num_labels=284, region_batch_size=region_batch_size)
+                    num_labels=284, region_batch_size=region_batch_size,
+                    region_encoder_attention=region_encoder_attention)
 
 
 def synchronize(device):
@@ -54,13 +55,16 @@ def timed(function, device) -> float:
     return time.perf_counter() - start
 
 
-def measure_overhead(side: int, repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
+def measure_overhead(side: int, repeats: int, device: torch.device, dtype: torch.dtype,
+                     region_batch_size: int = 16) -> dict:
     from xt_hf import XTForImageClassification
     from xt_hf.nested_tokenization import nested_tokenize, region_batches
 
     torch.manual_seed(0)
-    plain = XTForImageClassification(swin_t_xt_config(context=False, region_batch_size=16)).to(device, dtype).eval()
-    released = XTForImageClassification(swin_t_xt_config(context=True, region_batch_size=16)).to(device, dtype).eval()
+    plain = XTForImageClassification(swin_t_xt_config(context=False, region_batch_size=region_batch_size))
+    plain = plain.to(device, dtype).eval()
+    released = XTForImageClassification(swin_t_xt_config(context=True, region_batch_size=region_batch_size))
+    released = released.to(device, dtype).eval()
     released.xt.region_encoder.load_state_dict(plain.xt.region_encoder.state_dict())
     backbone = plain.xt.region_encoder.backbone
     pixel_values = torch.randn(1, 3, side, side, device=device, dtype=dtype)
@@ -68,8 +72,8 @@ def measure_overhead(side: int, repeats: int, device: torch.device, dtype: torch
     regions = nested_tokenize(pixel_values, every_region)
 
     def backbone_alone():
-        for start in range(0, len(regions), 16):
-            backbone(regions[start : start + 16])
+        for start in range(0, len(regions), region_batch_size):
+            backbone(regions[start : start + region_batch_size])
 
     runs = {"backbone": backbone_alone, "xt_no_context": lambda: plain(pixel_values),
             "xt_released_context": lambda: released(pixel_values)}
@@ -90,12 +94,14 @@ def measure_overhead(side: int, repeats: int, device: torch.device, dtype: torch
     }
 
 
-def peak_memory_child(side: int, region_batch_size: int, device_name: str, dtype_name: str) -> None:
+def peak_memory_child(side: int, region_batch_size: int | None, device_name: str, dtype_name: str,
+                      attention: str = "sdpa") -> None:
     """Runs in its own process so that peak RSS belongs to this setting alone."""
     from xt_hf import XTForImageClassification
 
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
-    model = XTForImageClassification(swin_t_xt_config(context=True, region_batch_size=region_batch_size))
+    model = XTForImageClassification(swin_t_xt_config(context=True, region_batch_size=region_batch_size,
+                                                      region_encoder_attention=attention))
     model = model.to(device, dtype).eval()
     pixel_values = torch.randn(1, 3, side, side, device=device, dtype=dtype)
     with torch.inference_mode():
@@ -105,16 +111,20 @@ def peak_memory_child(side: int, region_batch_size: int, device_name: str, dtype
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         with PeakRSS() as rss:
+            start = time.perf_counter()
             model(pixel_values)
-    result = {"peak_rss_growth_mb": rss.growth_mib, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            seconds = time.perf_counter() - start
+    result = {"peak_rss_growth_mb": rss.growth_mib, "seconds": seconds,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
         result["cuda_peak_growth_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
     print(json.dumps(result))
 
 
-def measure_memory(side: int, region_batch_size: int, device: str, dtype: str) -> dict:
-    command = [sys.executable, __file__, "--child", str(region_batch_size), "--side", str(side),
-               "--device", device, "--dtype", dtype]
+def measure_memory(side: int, region_batch_size: int | None, device: str, dtype: str, attention: str = "sdpa") -> dict:
+    """Peak memory of one forward with this `region_batch_size` (`None`: all regions at once), in a fresh process."""
+    command = [sys.executable, __file__, "--child", "all" if region_batch_size is None else str(region_batch_size),
+               "--side", str(side), "--device", device, "--dtype", dtype, "--attention", attention]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -126,10 +136,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch-sizes", default="4,64", help="region_batch_size values for the memory runs")
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"], help="region_encoder_attention")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.child is not None:
-        peak_memory_child(arguments.side, arguments.child, arguments.device, arguments.dtype)
+        batch_size = None if arguments.child == "all" else int(arguments.child)
+        peak_memory_child(arguments.side, batch_size, arguments.device, arguments.dtype, arguments.attention)
         return
 
     device, dtype = torch.device(arguments.device), getattr(torch, arguments.dtype)
@@ -142,7 +154,7 @@ def main() -> None:
     print(f"xT, released context  {seconds['xt_released_context']:8.2f} s   "
           f"ratio {overhead['ratio_xt_released_context']:.3f}")
     for batch_size in (int(b) for b in arguments.batch_sizes.split(",")):
-        memory = measure_memory(arguments.side, batch_size, arguments.device, arguments.dtype)
+        memory = measure_memory(arguments.side, batch_size, arguments.device, arguments.dtype, arguments.attention)
         line = f"region_batch_size={batch_size:3d}  peak RSS growth {memory['peak_rss_growth_mb']:8.1f} MB"
         if "cuda_peak_growth_mb" in memory:
             line += f"  CUDA peak growth {memory['cuda_peak_growth_mb']:8.1f} MB"

@@ -68,7 +68,7 @@ CHOICE_FIELDS = {
 def test_choice_fields_are_exactly_their_literal_annotations():
     assert set(CHOICE_FIELDS) == {
         "context_encoder", "context_long_sequence_attention", "context_position_embedding", "cls_token_position",
-        "classifier",
+        "classifier", "region_encoder_attention",
     }
     for name, values in CHOICE_FIELDS.items():
         assert XTConfig.allowed_values(name) == values, name

@@ -236,9 +236,11 @@ def test_sdpa_and_eager_attention_agree_and_eager_returns_weights():
 
 def test_the_forward_is_one_path_whatever_the_grad_mode():
     """Training and inference run the same code: a long sequence (HyperAttention, more tokens than
-    `context_token_chunk_size`) gives bit-identical outputs with autograd and under inference_mode."""
+    `context_token_chunk_size`) gives bit-identical outputs with autograd and under inference_mode. The region
+    encoder runs eager here: with `"sdpa"`, torch picks another attention kernel when the position bias needs
+    gradients (same code, equal up to rounding: tests/test_region_encoder_fast_path.py)."""
     pixel_values = torch.randn(2, 3, 2 * REGION, 3 * REGION)
-    model = build(**LONG_SEQUENCE)
+    model = build(region_encoder_attention="eager", **LONG_SEQUENCE)
     reference = model(pixel_values, output_hidden_states=True)
     with torch.inference_mode():
         inferred = model(pixel_values, output_hidden_states=True)

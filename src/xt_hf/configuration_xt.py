@@ -45,9 +45,15 @@ class XTConfig(PreTrainedConfig):
         region_encoder_output_norm (`bool`, defaults to `False`):
             Keep the per-stage output LayerNorm that transformers backbones (Hiera, ConvNeXt) add.
             *(released: False: timm's `features_only` Swin and `HieraWrapper` output un-normalised maps.)*
-        region_batch_size (`int`, *optional*):
+        region_encoder_attention (`str`, defaults to `"sdpa"`):
+            Window attention of a Swin-v2 region encoder: `"sdpa"` (`swinv2_attention.py`: one fused
+            `scaled_dot_product_attention` call per block, same weights, outputs within float rounding) or
+            `"eager"` (transformers' own modules, the reference). Other backbones ignore it.
+        region_batch_size (`int`, *optional*, defaults to 16):
             Encode at most this many regions at a time. Bounds peak memory; never changes outputs.
-            `None` encodes all regions of the batch at once.
+            `None` encodes all regions of the batch at once. Measured (`benchmarks/region_encoder.py`,
+            docs/performance.md): the default cuts peak memory of a 2,048² Swin-v2-T xT forward to about a
+            quarter of all-at-once, in the same time.
         grad_ratio (`float`, defaults to 1.0):
             While training, the fraction of regions (in their original order) that keep gradients; the
             rest run under `no_grad`. Saves memory on very large images.
@@ -191,7 +197,8 @@ class XTConfig(PreTrainedConfig):
     region_size: int = 256
     backbone_config: dict | PreTrainedConfig | None = None
     region_encoder_output_norm: bool = False
-    region_batch_size: int | None = None
+    region_encoder_attention: Literal["eager", "sdpa"] = "sdpa"
+    region_batch_size: int | None = 16
     grad_ratio: float | int = 1.0
 
     context_encoder: Literal["none", "attention", "mamba"] = "attention"

@@ -13,6 +13,7 @@ from transformers.models.hiera.modeling_hiera import unroll as hiera_unroll
 
 from .configuration_xt import XTConfig
 from .nested_tokenization import RegionIndex, nested_tokenize, new_stitched_grids, region_batches, stitch_regions
+from .swinv2_attention import set_swinv2_attention
 
 
 @dataclass
@@ -42,6 +43,7 @@ class XTRegionEncoder(nn.Module):
             # The released models read un-normalised stage outputs (timm features_only / HieraWrapper).
             for stage in list(norms.keys()):
                 norms[stage] = nn.Identity()
+        set_swinv2_attention(self.backbone, config.region_encoder_attention)
 
     @property
     def channels(self) -> list[int]:
