@@ -13,7 +13,8 @@ mean ± standard deviation (n - 1) of each metric, then says which targets hold 
 
 Everything comes from the repository: the generators, the configs and the training command. Runs go
 `--jobs` at a time, one thread each; a finished run (its `result.json`) is reused, so an interrupted protocol
-resumes where it stopped. `--setting smoke` runs the whole pipeline on a few tiny images in about a minute
+resumes where it stopped (a run without its result is started again from scratch). A failed run does not stop
+the others; the script then exits with status 2 (1 means every run finished but a target was not met). `--setting smoke` runs the whole pipeline on a few tiny images in about a minute
 (the numbers mean nothing; the test suite runs it).
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,6 +34,10 @@ from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 VARIANTS = ("context", "nocontext")
+
+
+class ProtocolError(Exception):
+    """Something that stops the protocol or one of its runs; reported in one line, exit status 2."""
 
 
 @dataclass(frozen=True)
@@ -122,11 +128,11 @@ def dataset_folder(workdir: Path, task: Task, setting_name: str, seed: int, sett
     stamp_file = folder / "protocol.json"
     if stamp_file.exists():
         if json.loads(stamp_file.read_text()) != stamp:
-            raise SystemExit(f"error: {folder} holds data made with other settings ({stamp_file}); use another "
-                             f"--workdir")
+            raise ProtocolError(f"{folder} holds data made with other settings ({stamp_file}); use another "
+                                f"--workdir")
         return folder
     if folder.exists():
-        raise SystemExit(f"error: {folder} exists but was not made by this script; use another --workdir")
+        raise ProtocolError(f"{folder} exists but was not made by this script; use another --workdir")
     task.generate(folder, seed, setting)
     stamp_file.write_text(json.dumps(stamp))
     return folder
@@ -138,6 +144,8 @@ def train_and_score(task: Task, setting: Setting, data: Path, data_seed: int, tr
     result_file = run_dir / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
+    if run_dir.exists():  # an interrupted run of this script: its partial output would mix into the new one
+        shutil.rmtree(run_dir)
     command = [sys.executable, "-m", "xt_hf.training",
                "--config", str(REPOSITORY / "configs" / "train" / task.configs[variant]),
                "--dataset", str(data), "--output-dir", str(run_dir), "--seed", str(train_seed),
@@ -149,7 +157,7 @@ def train_and_score(task: Task, setting: Setting, data: Path, data_seed: int, tr
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
         completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=REPOSITORY)
     if completed.returncode:
-        raise SystemExit(f"error: training failed ({' '.join(command)}); see {run_dir.parent / run_dir.name}.log")
+        raise ProtocolError(f"training failed ({' '.join(command)}); see {run_dir.parent / run_dir.name}.log")
     seconds = time.perf_counter() - started
     result = {"data_seed": data_seed, "train_seed": train_seed, "variant": variant, "train_seconds": round(seconds),
               **task.score(run_dir / "best", data, data_seed)}
@@ -219,20 +227,34 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     work = []
-    for data_seed in arguments.data_seeds:
-        data = dataset_folder(workdir, task, arguments.setting, data_seed, setting)
-        for train_seed in arguments.train_seeds:
-            for variant in VARIANTS:
-                run_dir = workdir / "runs" / f"data{data_seed}_train{train_seed}_{variant}"
-                work.append((task, setting, data, data_seed, train_seed, variant, run_dir))
-    with ThreadPoolExecutor(arguments.jobs) as pool:
-        results = list(pool.map(lambda job: train_and_score(*job), work))
+    try:
+        for data_seed in arguments.data_seeds:
+            data = dataset_folder(workdir, task, arguments.setting, data_seed, setting)
+            for train_seed in arguments.train_seeds:
+                for variant in VARIANTS:
+                    run_dir = workdir / "runs" / f"data{data_seed}_train{train_seed}_{variant}"
+                    work.append((task, setting, data, data_seed, train_seed, variant, run_dir))
+    except ProtocolError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    with ThreadPoolExecutor(arguments.jobs) as pool:  # every run goes ahead even when another fails
+        futures = [pool.submit(train_and_score, *job) for job in work]
+    results, failures = [], []
+    for future in futures:
+        try:
+            results.append(future.result())
+        except ProtocolError as error:
+            failures.append(str(error))
     table, met = report(task, results)
     elapsed = time.perf_counter() - started
     header = (f"task {task.name}, setting {arguments.setting} ({setting}), data seeds {arguments.data_seeds}, "
               f"training seeds {arguments.train_seeds}, {arguments.jobs} jobs, {elapsed:.0f} s")
     (workdir / "table.md").write_text(header + "\n\n" + table + "\n")
     print(header, table, sep="\n\n")
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr)
+    if failures:
+        return 2
     return 0 if met else 1
 
 

@@ -43,5 +43,32 @@ def test_a_workdir_with_data_of_other_settings_is_refused(tmp_path):
     (folder / "protocol.json").write_text(json.dumps({"task": "coastline", "setting": "full"}))
     refused = protocol("--task", "coastline", "--setting", "smoke", "--data-seeds", "0", "--train-seeds", "0",
                        "--workdir", str(tmp_path))
-    assert refused.returncode != 0
+    assert refused.returncode == 2
     assert "other settings" in refused.stderr
+
+
+def test_a_failed_run_neither_cancels_the_others_nor_passes_for_a_missed_target(tmp_path, monkeypatch, capsys):
+    """Exit status 1 means "targets not met"; a run that failed gives 2, after every other run has had its turn."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("context_gain", SCRIPT)
+    context_gain = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "context_gain", context_gain)  # dataclasses look their module up there
+    spec.loader.exec_module(context_gain)
+    ran = []
+
+    def fake_run(task, setting, data, data_seed, train_seed, variant, run_dir):
+        ran.append((data_seed, train_seed, variant))
+        if (data_seed, train_seed, variant) == (0, 0, "context"):
+            raise context_gain.ProtocolError("training failed (a stand-in)")
+        return {"data_seed": data_seed, "train_seed": train_seed, "variant": variant, "train_seconds": 1,
+                "test_top1": 0.9 if variant == "context" else 0.25}
+
+    monkeypatch.setattr(context_gain, "train_and_score", fake_run)
+    monkeypatch.setattr(context_gain, "dataset_folder", lambda workdir, task, name, seed, setting: workdir / str(seed))
+    status = context_gain.main(["--task", "relations", "--data-seeds", "0", "1", "--train-seeds", "0",
+                                "--jobs", "1", "--workdir", str(tmp_path)])
+    assert status == 2
+    assert sorted(ran) == [(0, 0, "context"), (0, 0, "nocontext"), (1, 0, "context"), (1, 0, "nocontext")]
+    assert "error: training failed (a stand-in)" in capsys.readouterr().err
+    assert "| 1 | 0 | context | 0.900 |" in (tmp_path / "table.md").read_text()
