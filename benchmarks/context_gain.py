@@ -224,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     task = TASKS[arguments.task]
     setting = task.full if arguments.setting == "full" else SMOKE
     workdir = arguments.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--workdir {workdir}: {error.strerror}")
+    if not os.access(workdir, os.W_OK):
+        parser.error(f"--workdir {workdir} is not writable")
     started = time.perf_counter()
     work = []
     try:

@@ -72,3 +72,12 @@ def test_a_failed_run_neither_cancels_the_others_nor_passes_for_a_missed_target(
     assert sorted(ran) == [(0, 0, "context"), (0, 0, "nocontext"), (1, 0, "context"), (1, 0, "nocontext")]
     assert "error: training failed (a stand-in)" in capsys.readouterr().err
     assert "| 1 | 0 | context | 0.900 |" in (tmp_path / "table.md").read_text()
+
+
+def test_a_workdir_that_cannot_be_made_is_named_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    refused = protocol("--setting", "smoke", "--workdir", str(blocker / "protocol"))
+    assert refused.returncode == 2
+    assert "--workdir" in refused.stderr and "Not a directory" in refused.stderr
+    assert not (tmp_path / "data").exists()
