@@ -82,6 +82,36 @@ def test_every_class_follows_the_nearer_beacon(options):
     assert seen >= 20
 
 
+def test_one_beacon_gives_every_vessel_its_colour_and_each_colour_half_the_scenes():
+    """`num_beacons=1`: the whole scene is the zone of its only beacon, a fair coin decides its colour, and
+    no vessel shares its region."""
+    region = SMALL["region_size"]
+    colours = []
+    for index in range(200):
+        sample = generate_sample(sample_rng(5, "train", index), num_beacons=1, num_objects=(2, 4), **SMALL)
+        (label,) = sample.beacon_labels
+        (bx, by), (row, col) = sample.beacon_centers[0], sample.beacon_regions[0]
+        assert (sample.labels == label).all() and len(sample.labels) >= 2
+        assert np.isinf(sample.distances[:, 1 - label]).all() and np.isfinite(sample.distances[:, label]).all()
+        assert all(tuple(cell) != (row, col) for cell in sample.regions)
+        disc = sample.image[int(by) - 3 : int(by) + 3, int(bx) - 3 : int(bx) + 3].reshape(-1, 3).astype(float)
+        np.testing.assert_allclose(disc.mean(0), (RED, YELLOW)[label], atol=12)
+        assert col * region < bx < (col + 1) * region
+        colours.append(label)
+    assert 0.4 < np.mean(colours) < 0.6
+
+
+def test_two_beacons_remain_the_default_and_draw_the_same_scenes():
+    """The single-beacon option changed nothing for the default two beacons: the scene below is the one the
+    generator drew before the option existed (its pixels' SHA-256 and first boxes, recorded then)."""
+    import hashlib
+
+    sample = generate_sample(sample_rng(6, "train", 0), num_beacons=2, **SMALL)
+    assert sample.beacon_labels == (0, 1) and len(sample.beacon_centers) == 2
+    assert hashlib.sha256(sample.image.tobytes()).hexdigest()[:16] == "021d0279a48e9f62"
+    assert sample.boxes.tolist()[:2] == [[198.0, 42.0, 11.0, 11.0], [214.0, 14.0, 14.0, 14.0]]
+
+
 @pytest.mark.parametrize("options", [{}, SMALL], ids=["default", "small"])
 def test_boxes_lie_inside_the_image_cover_the_vessels_and_do_not_overlap(options):
     size = options.get("image_size", 512)
@@ -175,6 +205,7 @@ def test_crowded_settings_still_end_placing_fewer_vessels():
     (dict(image_size=128, region_size=128), "at least 3 regions"),
     (dict(object_size=(8, 70), **SMALL), "object_size"),
     (dict(beacon_radius=40.0, **SMALL), "does not fit"),
+    (dict(num_beacons=3, **SMALL), "num_beacons must be 1"),
 ])
 def test_impossible_settings_raise(options, message):
     with pytest.raises(ValueError, match=message):

@@ -58,10 +58,11 @@ class DetectionSample:
 
     `image` is `(height, width, 3)` uint8. Per vessel, in the same order: `boxes` `(n, 4)` float, COCO
     `[x, y, w, h]` in pixels from the top-left corner; `labels` `(n,)` int, indices into `LABELS`;
-    `distances` `(n, 2)` float, the distance (px) from the box centre to the red and to the yellow beacon
-    (the context the class follows: `labels == (distances[:, 1] < distances[:, 0])`); `regions` `(n, 2)`
-    int, the (region row, region column) holding the vessel. `beacon_centers` are the `(x, y)` centres of
-    the red and the yellow beacon, `beacon_regions` their (region row, region column).
+    `distances` `(n, 2)` float, the distance (px) from the box centre to the red and to the yellow beacon,
+    `inf` for a colour the scene lacks (the context the class follows: `labels == (distances[:, 1] <
+    distances[:, 0])`); `regions` `(n, 2)` int, the (region row, region column) holding the vessel.
+    Per beacon (red then yellow when there are two): `beacon_centers` its `(x, y)` centre, `beacon_regions` its
+    (region row, region column), `beacon_labels` its colour as an index into `LABELS`.
     """
 
     image: np.ndarray
@@ -69,8 +70,9 @@ class DetectionSample:
     labels: np.ndarray
     distances: np.ndarray
     regions: np.ndarray
-    beacon_centers: tuple[tuple[float, float], tuple[float, float]]
-    beacon_regions: tuple[tuple[int, int], tuple[int, int]]
+    beacon_centers: tuple[tuple[float, float], ...]
+    beacon_regions: tuple[tuple[int, int], ...]
+    beacon_labels: tuple[int, ...]
     beacon_radius: float
 
     def annotations(self, image_id: int = 0) -> dict:
@@ -102,12 +104,15 @@ def generate_sample(
     margin: float = 16.0,
     beacon_radius: float = 12.0,
     noise: float = 14.0,
+    num_beacons: int = 2,
 ) -> DetectionSample:
     """Draw one square scene of `image_size` px, a grid of `region_size` regions.
 
     A random number of vessels in `num_objects` (fewer where they do not fit), each a square with a side
     in `object_size` px, at least 4 px apart, lies in the regions that hold no beacon, at least 2 px inside
     its region, and no nearer than `margin` px to the boundary between the two zones (see the module).
+    `num_beacons=1` draws a single beacon, red or yellow by a fair coin, whose zone is the whole scene: every
+    vessel takes its colour (`margin` is then moot).
     """
     size, region = image_size, region_size
     cells = size // region if region > 0 else 0
@@ -122,21 +127,28 @@ def generate_sample(
         raise ValueError(f"A beacon of radius {beacon_radius} px does not fit inside a region of {region} px.")
     if not 0 <= num_objects[0] <= num_objects[1]:
         raise ValueError(f"num_objects {num_objects} must be 0 ≤ min ≤ max.")
+    if num_beacons not in (1, 2):
+        raise ValueError(f"num_beacons must be 1 (one beacon, its colour for the whole scene) or 2 (red and yellow "
+                         f"zones), not {num_beacons!r}.")
 
     # An ordered pair of distinct regions (red first): uniform, so swapping the colours is as likely as not.
-    red_cell, yellow_cell = (divmod(int(cell), cells) for cell in rng.choice(cells * cells, size=2, replace=False))
+    # One beacon: a uniform region and a fair coin for its colour.
+    beacon_cells = [divmod(int(cell), cells) for cell in rng.choice(cells * cells, size=num_beacons, replace=False)]
+    beacon_labels = (0, 1) if num_beacons == 2 else (int(rng.integers(2)),)
     beacons = []
-    for row, col in (red_cell, yellow_cell):
+    for row, col in beacon_cells:
         low, high = inset + beacon_radius, region - inset - beacon_radius
         beacons.append((col * region + rng.uniform(low, high), row * region + rng.uniform(low, high)))  # (x, y)
-    red, yellow = np.asarray(beacons[0]), np.asarray(beacons[1])
+    # The nearest beacon of each colour; a colour absent from the scene is infinitely far.
+    red, yellow = (np.asarray(beacons[beacon_labels.index(label)]) if label in beacon_labels else np.full(2, np.inf)
+                   for label in (0, 1))
 
     count = int(rng.integers(num_objects[0], num_objects[1] + 1))
     sides = rng.integers(smallest, largest + 1, size=count)
 
     # Top-left corners on a 4-px grid where the largest vessel fits inside its region, in beacon-free regions.
     offsets = np.arange(inset, region - inset - largest + 1, step)
-    free = [(row, col) for row in range(cells) for col in range(cells) if (row, col) not in (red_cell, yellow_cell)]
+    free = [(row, col) for row in range(cells) for col in range(cells) if (row, col) not in beacon_cells]
     corners = np.array([(col * region + dx, row * region + dy)
                         for row, col in free for dy in offsets for dx in offsets], dtype=float)
 
@@ -147,7 +159,7 @@ def generate_sample(
         side = float(sides[len(boxes)])
         x, y = corners[index]
         center = np.array([x + side / 2, y + side / 2])
-        if abs(np.linalg.norm(center - red) - np.linalg.norm(center - yellow)) < margin:
+        if num_beacons == 2 and abs(np.linalg.norm(center - red) - np.linalg.norm(center - yellow)) < margin:
             continue  # too near the zone boundary: the class would hinge on a pixel
         if any(x < bx + bw + gap and bx < x + side + gap and y < by + bh + gap and by < y + side + gap
                for bx, by, bw, bh in boxes):
@@ -166,15 +178,16 @@ def generate_sample(
     for x, y, w, h in boxes:
         image[int(y) : int(y + h), int(x) : int(x + w)] = VESSEL
     yy, xx = np.ogrid[:size, :size]
-    for (bx, by), colour in zip(beacons, (RED, YELLOW)):
+    for (bx, by), label in zip(beacons, beacon_labels):
+        colour = (RED, YELLOW)[label]
         image[(xx + 0.5 - bx) ** 2 + (yy + 0.5 - by) ** 2 <= beacon_radius**2] = colour
     image += rng.normal(0.0, noise, size=image.shape)
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
     return DetectionSample(
         image=image, boxes=box_array, labels=labels, distances=distances, regions=regions,
-        beacon_centers=(tuple(map(float, red)), tuple(map(float, yellow))),
-        beacon_regions=(red_cell, yellow_cell), beacon_radius=float(beacon_radius),
+        beacon_centers=tuple((float(x), float(y)) for x, y in beacons), beacon_regions=tuple(beacon_cells),
+        beacon_labels=beacon_labels, beacon_radius=float(beacon_radius),
     )
 
 
@@ -238,11 +251,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="side of a vessel in pixels (default 8 16)")
     parser.add_argument("--margin", type=float, default=16.0,
                         help="no vessel nearer than this (px) to the boundary between the zones (default 16)")
+    parser.add_argument("--beacons", type=int, choices=(1, 2), default=2,
+                        help="2: a red and a yellow beacon, each vessel in the zone of the nearer (default); 1: one "
+                             "beacon of either colour, every vessel in its zone")
     arguments = parser.parse_args(argv)
     dataset = generate_dataset(arguments.train, arguments.test, num_validation=arguments.validation,
                                seed=arguments.seed, image_size=arguments.image_size, region_size=arguments.region_size,
                                num_objects=tuple(arguments.objects), object_size=tuple(arguments.object_size),
-                               margin=arguments.margin)
+                               margin=arguments.margin, num_beacons=arguments.beacons)
     dataset.save_to_disk(arguments.output)
     print(dataset)
 
