@@ -31,10 +31,34 @@ def test_the_protocol_trains_both_models_scores_them_and_resumes(tmp_path, task)
         trained = (workdir / "runs" / f"data3_train5_{variant}" / "train_config.yaml").read_text()
         assert "seed: 5" in trained
 
+        assert all(value == value for value in result.values()), result  # no NaN metric
+
+    # A result missing a metric (one added to the task since it ran) is scored again from its kept checkpoint.
+    result_file = workdir / "runs" / "data3_train5_context" / "result.json"
+    result = json.loads(result_file.read_text())
+    scored = {name: value for name, value in result.items() if name.startswith("test_")}
+    result_file.write_text(json.dumps({name: value for name, value in result.items() if name not in scored}))
+    log = workdir / "runs" / "data3_train5_context.log"
+    trained_log = log.read_text()
+
     again = protocol("--task", task, "--setting", "smoke", "--data-seeds", "3", "--train-seeds", "5",
                      "--workdir", str(workdir))
     assert again.returncode == first.returncode
     assert (workdir / "table.md").read_text().split("\n\n", 1)[1] == table.split("\n\n", 1)[1]  # reused runs
+    assert json.loads(result_file.read_text()) == result and log.read_text() == trained_log  # not trained again
+
+    if task == "beacons":  # the documented picture of both models' detections on one test scene
+        picture = tmp_path / "predictions.png"
+        drawn = subprocess.run(
+            [sys.executable, str(SCRIPT.parent / "detection_picture.py"), "--dataset", str(workdir / "data" / "seed3"),
+             "--with-context", str(workdir / "runs" / "data3_train5_context" / "best"),
+             "--without-context", str(workdir / "runs" / "data3_train5_nocontext" / "best"),
+             "--threshold", "0.0", "--output", str(picture)], capture_output=True, text=True, timeout=300)
+        assert drawn.returncode == 0, drawn.stderr[-3000:]
+        from PIL import Image
+
+        with Image.open(picture) as image:
+            assert image.size[0] > 3 * image.size[1] * 0.9  # three panels side by side: truth, with, without
 
 
 def test_a_workdir_with_data_of_other_settings_is_refused(tmp_path):

@@ -23,6 +23,12 @@ the middle of the scene would be "near" more often). Only by finding both beacon
 comparing distances can a model tell the classes apart. Both classes are equally frequent, and the
 vessels are as dense in one zone as in the other.
 
+With `num_beacons=1` (`--beacons 1`) a scene holds a single beacon, red or yellow by a fair coin, and the
+whole scene is its zone: every vessel takes its colour. The same symmetry holds (recolouring the beacon flips
+every class and changes nothing else), so a per-region model is still at chance, but the context needed is
+simpler: find the one beacon anywhere in the scene and read its colour, instead of comparing two distances.
+This is the variant the documented context-gain runs use (docs/detection.md says why).
+
 Generation is deterministic per (seed, split, index) and has no rejection loop: vessel positions are drawn
 from the finite list of admissible grid points, shuffled once (crowded settings place fewer vessels).
 
