@@ -12,7 +12,8 @@ once, afterwards. The script prints every run, the per-pair gain (same data seed
 mean ± standard deviation (n - 1) of each metric, then says which targets hold on every seed pair.
 
 Everything comes from the repository: the generators, the configs and the training command. Runs go
-`--jobs` at a time, one thread each; a finished run (its `result.json`) is reused, so an interrupted protocol
+`--jobs` at a time, one thread each; a finished run (its `result.json`) is reused (one trained with other
+steps or batch size is refused, exit status 2), so an interrupted protocol
 resumes where it stopped (a run without its result is started again from scratch). A failed run does not stop
 the others; the script then exits with status 2 (1 means every run finished but a target was not met). `--setting smoke` runs the whole pipeline on a few tiny images in about a minute
 (the numbers mean nothing; the test suite runs it).
@@ -138,12 +139,21 @@ def dataset_folder(workdir: Path, task: Task, setting_name: str, seed: int, sett
     return folder
 
 
+def run_setting(setting: Setting) -> dict:
+    """What a finished run must share with this invocation to be reused: its training steps and batch."""
+    return {"max_steps": setting.max_steps, "eval_steps": setting.eval_steps, "batch_size": setting.batch_size}
+
+
 def train_and_score(task: Task, setting: Setting, data: Path, data_seed: int, train_seed: int, variant: str,
                     run_dir: Path) -> dict:
     """Train one model in a child process (one thread), then score its best checkpoint on the test split."""
     result_file = run_dir / "result.json"
     if result_file.exists():
         result = json.loads(result_file.read_text())
+        trained = result.get("setting")  # absent in results written before runs recorded it
+        if trained is not None and trained != run_setting(setting):
+            raise ProtocolError(f"{run_dir} was trained with other settings ({trained}, now "
+                                f"{run_setting(setting)}); use another --workdir")
         if all(name in result and result[name] == result[name] for name in task.metrics):  # NaN != NaN
             return result
         # A metric the run's scoring lacked (added since, or NaN): score its kept checkpoint again, no retraining.
@@ -166,6 +176,7 @@ def train_and_score(task: Task, setting: Setting, data: Path, data_seed: int, tr
         raise ProtocolError(f"training failed ({' '.join(command)}); see {run_dir.parent / run_dir.name}.log")
     seconds = time.perf_counter() - started
     result = {"data_seed": data_seed, "train_seed": train_seed, "variant": variant, "train_seconds": round(seconds),
+              "setting": run_setting(setting),
               **task.score(run_dir / "best", data, data_seed)}
     result_file.write_text(json.dumps(result, indent=2))
     return result

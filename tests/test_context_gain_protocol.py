@@ -105,3 +105,25 @@ def test_a_workdir_that_cannot_be_made_is_named_before_any_work(tmp_path):
     assert refused.returncode == 2
     assert "--workdir" in refused.stderr and "Not a directory" in refused.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_a_finished_run_trained_with_other_steps_is_refused_not_reused(tmp_path, monkeypatch):
+    """Changing a task's steps and running again in the same workdir must not report the old runs as new."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("context_gain", SCRIPT)
+    context_gain = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "context_gain", context_gain)
+    spec.loader.exec_module(context_gain)
+    task, setting = context_gain.TASKS["relations"], context_gain.SMOKE
+    run_dir = tmp_path / "runs" / "data0_train0_context"
+    run_dir.mkdir(parents=True)
+    old = {**context_gain.run_setting(setting), "max_steps": setting.max_steps + 1}
+    (run_dir / "result.json").write_text(json.dumps({"data_seed": 0, "train_seed": 0, "variant": "context",
+                                                     "train_seconds": 1, "test_top1": 0.5, "setting": old}))
+    with pytest.raises(context_gain.ProtocolError, match="trained with other settings"):
+        context_gain.train_and_score(task, setting, tmp_path / "data", 0, 0, "context", run_dir)
+
+    same = {**json.loads((run_dir / "result.json").read_text()), "setting": context_gain.run_setting(setting)}
+    (run_dir / "result.json").write_text(json.dumps(same))
+    assert context_gain.train_and_score(task, setting, tmp_path / "data", 0, 0, "context", run_dir) == same
