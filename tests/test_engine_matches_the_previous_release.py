@@ -1,8 +1,11 @@
-"""The inference engine gives, bit for bit, what the streaming code before the engine/model split gave.
+"""The inference engine gives what the streaming code before the engine/model split gave.
 
 `data/streaming_reference.safetensors` holds tiny models' weights, an image, and the outputs that release
-(commit 0ba654a) streamed for them (`data/make_streaming_reference.py`). A refactor of the engine or of
-the model's public pieces that changes a single bit of them fails here.
+(commit 0ba654a) streamed for them (`data/make_streaming_reference.py`). They were bit-identical on the
+machine that recorded them, but the stored bits depend on the CPU's matrix kernels: on another AMD EPYC
+machine the same code differs by up to 7.2e-6 (values up to 5.4). So the stored outputs are compared to
+within 2e-5, far below what any change to the computation moves them, and what must agree bit for bit on
+one machine (streamed with and without spilling) is compared exactly.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ CASES = {
     "none": dict(context_encoder="none", classifier="pool"),
 }
 IMAGE = REFERENCE["image"].numpy()
+STORED_TOLERANCE = 2e-5  # the stored bits are the recording machine's (see the module docstring)
 
 
 def reference_model(model_class, name: str, **overrides):
@@ -45,10 +49,12 @@ def reference_model(model_class, name: str, **overrides):
 def test_streamed_tokens_and_logits_are_those_of_the_previous_release(name, tmp_path):
     model = reference_model(XTForImageClassification, name, **CASES[name])
     encoded, _ = encode_context_streaming(model, IMAGE, region_batch_size=5)
-    assert torch.equal(encoded.last_hidden_state, REFERENCE[f"{name}.tokens"])
-    assert torch.equal(predict_streaming(model, IMAGE, region_batch_size=5), REFERENCE[f"{name}.logits"])
+    torch.testing.assert_close(encoded.last_hidden_state, REFERENCE[f"{name}.tokens"], atol=STORED_TOLERANCE, rtol=0)
+    logits = predict_streaming(model, IMAGE, region_batch_size=5)
+    torch.testing.assert_close(logits, REFERENCE[f"{name}.logits"], atol=STORED_TOLERANCE, rtol=0)
     spilled = predict_streaming(model, IMAGE, region_batch_size=5, spill_directory=tmp_path)
-    assert torch.equal(spilled, REFERENCE[f"{name}.spilled_logits"])
+    torch.testing.assert_close(spilled, REFERENCE[f"{name}.spilled_logits"], atol=STORED_TOLERANCE, rtol=0)
+    assert torch.equal(spilled, logits)  # the same machine: spilling changes no bit
 
 
 def test_streamed_class_map_is_that_of_the_previous_release(tmp_path):
