@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> Path:
     arguments = parser.parse_args(argv)
     if arguments.output.suffix.lower() != ".png":
         parser.error(f"--output {arguments.output} must end in .png")
+    for option, folder in (("--dataset", arguments.dataset), ("--with-context", arguments.with_context),
+                           ("--without-context", arguments.without_context)):
+        if not Path(folder).is_dir():
+            parser.error(f"{option} {folder} is not a folder (a save_to_disk dataset or a saved detector)")
 
     from datasets import load_from_disk
     from transformers import pipeline
@@ -71,12 +75,13 @@ def main(argv: list[str] | None = None) -> Path:
     truth = [(names[a["category_id"]], None, [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                                               a["bbox"][1] + a["bbox"][3]])
              for a in row["objects"]["annotations"]]
-    def detector(folder: str):  # the installed package's classes, so no saved code is run (no trust_remote_code)
+
+    def load_detector(folder: str):  # the installed package's classes, so no saved code is run (no trust_remote_code)
         return pipeline("object-detection", model=XTForObjectDetection.from_pretrained(folder),
                         image_processor=XTImageProcessor.from_pretrained(folder))
 
-    detectors = {"with context": detector(arguments.with_context),
-                 "without context": detector(arguments.without_context)}
+    detectors = {"with context": load_detector(arguments.with_context),
+                 "without context": load_detector(arguments.without_context)}
     region_size = detectors["with context"].image_processor.region_size
     panels = [panel(image, truth, f"truth: {len(truth)} vessels", region_size)]
     for title, detector in detectors.items():
