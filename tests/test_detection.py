@@ -87,6 +87,30 @@ def test_output_shapes_and_the_heatmap_prior():
     assert isinstance(outputs.to_tuple(), tuple)
 
 
+@pytest.mark.parametrize("context_encoder", ["attention", "none"])
+def test_the_region_class_prior_adds_one_logit_per_class_read_from_the_fused_tokens(context_encoder):
+    model = XTForObjectDetection(detection_config(context_encoder=context_encoder, classifier="pool")).eval()
+    prior = model.region_class_prior
+    assert not prior.weight.any() and not prior.bias.any(), "a new detector starts as the plain CenterNet head"
+    stages = [torch.randn(3, 8, 8, 8), torch.randn(3, 16, 4, 4)]
+    context = torch.randn(3, 32, 4, 4) if context_encoder != "none" else None
+    with torch.no_grad():
+        plain = model.decode_regions(stages, context)
+        prior.weight.normal_()
+        prior.bias.normal_()
+        shifted = model.decode_regions(stages, context)
+    # The tokens the decoder fuses at its deepest stage: the context tokens, or the region's own without them.
+    tokens = (stages[-1] if context is None else context).mean(dim=(-2, -1))
+    expected = (tokens @ prior.weight.T + prior.bias)[:, :, None, None].expand(-1, -1, SIDE, SIDE)
+    torch.testing.assert_close(shifted[:, :NUM_LABELS] - plain[:, :NUM_LABELS], expected)
+    assert torch.equal(shifted[:, NUM_LABELS:], plain[:, NUM_LABELS:]), "boxes do not depend on the prior"
+
+    without = XTForObjectDetection(detection_config(context_encoder=context_encoder, classifier="pool",
+                                                    detection_region_class_prior=False))
+    assert without.region_class_prior is None
+    assert not any("region_class_prior" in name for name in without.state_dict())
+
+
 def test_known_boxes_round_trip_through_dense_maps_and_post_processing():
     # One region's maps: two objects of different classes, sub-cell centres.
     maps = blank_maps(1, SIDE, SIDE)
@@ -126,8 +150,9 @@ def test_known_boxes_round_trip_through_dense_maps_and_post_processing():
 def test_forward_equals_region_by_region_decoding_and_merge():
     config = detection_config(region_batch_size=2, detection_max_detections=20)
     model = XTForObjectDetection(config).eval()
-    with torch.no_grad():  # some clear peaks, so that there is something to merge
+    with torch.no_grad():  # some clear peaks, so that there is something to merge; a class prior that varies
         model.detection_head.heatmap[-1].bias.fill_(0.0)
+        model.region_class_prior.weight.normal_(std=0.5)
     height, width = 2 * REGION + 5, 2 * REGION
     pixel_values = torch.randn(2, 3, height, width)
     with torch.no_grad():
@@ -408,6 +433,6 @@ def test_remote_code_detector_loads_where_xt_hf_is_not_importable(saved_detector
 
 def test_detection_config_fields_are_checked():
     for field, value in (("detection_nms_iou", 0.0), ("detection_threshold", 1.0), ("detection_max_detections", 0),
-                         ("detection_size_loss_weight", -1.0)):
+                         ("detection_size_loss_weight", -1.0), ("detection_region_class_prior", "yes")):
         with pytest.raises(ValueError, match=field):
             detection_config(**{field: value})

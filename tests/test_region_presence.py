@@ -1,4 +1,5 @@
-"""The region presence loss (`region_presence_loss_weight`): its targets, where it reads, and what it trains."""
+"""The presence losses (`region_presence_loss_weight`, `scene_presence_loss_weight`): their targets, where they
+read, and what they train."""
 
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ def test_presence_from_boxes_marks_the_region_of_each_centre():
 
 def test_weight_zero_adds_no_head_and_no_weights():
     model = segmenter()
-    assert model.region_presence is None
-    assert not any("region_presence" in name for name in model.state_dict())
+    assert model.region_presence is None and model.scene_presence is None
+    assert not any("presence" in name for name in model.state_dict())
 
 
 @pytest.mark.parametrize("context_encoder", ["attention", "none"])
@@ -109,6 +110,53 @@ def test_detection_reports_the_presence_loss_and_adds_it():
     torch.testing.assert_close(outputs.loss, expected)
 
 
+@pytest.mark.parametrize("context_encoder", ["attention", "none"])
+def test_the_scene_presence_loss_asks_the_mean_of_the_fused_tokens_which_classes_occur_anywhere(context_encoder):
+    torch.manual_seed(0)
+    config = tiny_config(classifier="pool", context_encoder=context_encoder, num_labels=3, decoder_output_stride=4,
+                         decoder_hidden_size=16, region_presence_loss_weight=0.5, scene_presence_loss_weight=2.0)
+    model = XTForObjectDetection(config).eval()
+    pixels = torch.randn(2, 3, 2 * REGION, 3 * REGION)
+    labels = [{"class_labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.1, 0.2, 0.1, 0.1], [0.9, 0.8, 0.1, 0.1]])},
+              {"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]  # no objects at all
+    outputs = model(pixel_values=pixels, labels=labels)
+    parts = outputs.loss_dict
+    encoded, context, rows, cols = model.encode_for_regions(pixels, None, None)
+    tokens = encoded.region_feature_maps[-1] if context is None else context
+    scene_logits = tokens.mean(dim=(-2, -1)) @ model.scene_presence.classifier.weight.T + model.scene_presence.classifier.bias
+    scene_targets = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])  # classes anywhere in each image
+    torch.testing.assert_close(parts["loss_scene_presence"],
+                               torch.nn.functional.binary_cross_entropy_with_logits(scene_logits, scene_targets))
+    expected = (parts["loss_heatmap"] + 0.1 * parts["loss_size"] + parts["loss_offset"]
+                + 0.5 * parts["loss_region_presence"] + 2.0 * parts["loss_scene_presence"])
+    torch.testing.assert_close(outputs.loss, expected)
+    assert model.scene_presence.classifier.in_features == model.fused_token_width()
+
+
+def test_the_scene_presence_loss_alone_makes_one_region_encode_its_class():
+    """Segmentation, no context encoder: class 1 occurs in one region only. The scene loss reaches that region's
+    tokens directly (the region loss reaches others' only through attention): a few steps lower it."""
+    torch.manual_seed(0)
+    model = segmenter(context_encoder="none", scene_presence_loss_weight=1.0)
+    pixels = torch.randn(4, 3, 2 * REGION, 2 * REGION)
+    labels = torch.zeros(4, *pixels.shape[-2:], dtype=torch.long)
+    labels[:2, :REGION, :REGION] = 1
+    pixels[:2, 0, :REGION, :REGION] += 3.0  # the region that holds class 1 looks different
+
+    def scene_loss():
+        outputs, context, rows, cols = model.encode_for_regions(pixels, None, None)
+        return model.presence_losses(outputs, context, rows, cols, presence_from_masks(labels, 3, REGION, 255))[1]
+
+    first = scene_loss()
+    assert set(first) == {"loss_scene_presence"}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(15):
+        optimizer.zero_grad()
+        scene_loss()["loss_scene_presence"].backward()
+        optimizer.step()
+    assert scene_loss()["loss_scene_presence"].item() < 0.5 * first["loss_scene_presence"].item()
+
+
 def test_the_head_survives_a_save_and_load(tmp_path):
     model = segmenter(region_presence_loss_weight=1.0)
     model.save_pretrained(tmp_path)
@@ -116,6 +164,7 @@ def test_the_head_survives_a_save_and_load(tmp_path):
     torch.testing.assert_close(loaded.region_presence.classifier.weight, model.region_presence.classifier.weight)
 
 
-def test_a_negative_weight_is_named():
-    with pytest.raises(ValueError, match="region_presence_loss_weight"):
-        XTConfig(region_presence_loss_weight=-1.0)
+@pytest.mark.parametrize("name", ["region_presence_loss_weight", "scene_presence_loss_weight"])
+def test_a_negative_weight_is_named(name):
+    with pytest.raises(ValueError, match=name):
+        XTConfig(**{name: -1.0})

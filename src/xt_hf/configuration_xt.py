@@ -147,6 +147,12 @@ class XTConfig(PreTrainedConfig):
             region's deepest tokens (context-encoded when there is a context encoder) predict which classes occur in
             the region (`region_presence.py`). It gives the context encoder a direct training signal; 0 adds no head
             and no weights. Inference never uses it.
+        scene_presence_loss_weight (`float`, defaults to 0.0):
+            `XTForSemanticSegmentation` and `XTForObjectDetection`: weight of an auxiliary training loss in which the
+            mean of those same tokens over the whole image predicts which classes occur anywhere in it (EncNet's
+            image-level loss). It asks the one region that holds a clue to a class somewhere else to encode it, where
+            the region presence loss reaches that region only through the context encoder's attention. 0 adds no head
+            and no weights. Inference never uses it.
         detection_threshold (`float`, defaults to 0.05):
             `XTForObjectDetection`: a heatmap peak (score = sigmoid of its logit) becomes a candidate detection when
             its score is above this; must be in [0, 1). Post-processing thresholds the merged detections again.
@@ -156,6 +162,11 @@ class XTConfig(PreTrainedConfig):
         detection_nms_iou (`float`, defaults to 0.5):
             `XTForObjectDetection`: IoU above which class-wise NMS suppresses the weaker of two detections when the
             regions' detections are merged (an object crossing a region border is reported by both regions).
+        detection_region_class_prior (`bool`, defaults to `True`):
+            `XTForObjectDetection`: add to every heatmap cell of a region a per-class logit read linearly from the
+            tokens the decoder fuses at its deepest stage (the region's context tokens, or its own deepest tokens
+            without a context encoder), zero at initialisation (`XTRegionClassPrior` in `detection_head.py`). It lets
+            an object's class follow the scene quickly; `False` gives the plain CenterNet head.
         detection_heatmap_loss_weight (`float`, defaults to 1.0):
             `XTForObjectDetection`: weight of the CenterNet focal loss on the heatmap.
         detection_size_loss_weight (`float`, defaults to 0.1):
@@ -235,9 +246,11 @@ class XTConfig(PreTrainedConfig):
     semantic_loss_ignore_index: int = 255
     semantic_loss_dice_weight: float | int = 0.0
     region_presence_loss_weight: float | int = 0.0
+    scene_presence_loss_weight: float | int = 0.0
     detection_threshold: float | int = 0.05
     detection_max_detections: int = 100
     detection_nms_iou: float | int = 0.5
+    detection_region_class_prior: bool = True
     detection_heatmap_loss_weight: float | int = 1.0
     detection_size_loss_weight: float | int = 0.1
     detection_offset_loss_weight: float | int = 1.0
@@ -341,14 +354,18 @@ class XTConfig(PreTrainedConfig):
             )
         if self.semantic_loss_dice_weight < 0:
             raise ValueError(f"`semantic_loss_dice_weight` must be ≥ 0, got {self.semantic_loss_dice_weight}.")
-        if self.region_presence_loss_weight < 0:
-            raise ValueError(f"`region_presence_loss_weight` must be ≥ 0, got {self.region_presence_loss_weight}.")
+        for name in ("region_presence_loss_weight", "scene_presence_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be ≥ 0, got {getattr(self, name)}.")
         if not 0 <= self.detection_threshold < 1:
             raise ValueError(f"`detection_threshold` must be in [0, 1), got {self.detection_threshold}.")
         if not isinstance(self.detection_max_detections, int) or self.detection_max_detections < 1:
             raise ValueError(f"`detection_max_detections` must be ≥ 1, got {self.detection_max_detections!r}.")
         if not 0 < self.detection_nms_iou <= 1:
             raise ValueError(f"`detection_nms_iou` must be in (0, 1], got {self.detection_nms_iou}.")
+        if not isinstance(self.detection_region_class_prior, bool):
+            raise ValueError(f"`detection_region_class_prior` must be True or False, got "
+                             f"{self.detection_region_class_prior!r}.")
         for name in ("detection_heatmap_loss_weight", "detection_size_loss_weight", "detection_offset_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be ≥ 0, got {getattr(self, name)}.")

@@ -18,6 +18,7 @@ from .context_mamba import XTMambaMixer
 from .detection_head import (
     XTCenterNetHead,
     XTHeatmapLogits,
+    XTRegionClassPrior,
     centernet_loss,
     check_detection_labels,
     detections_from_dense_maps,
@@ -75,7 +76,10 @@ class XTPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        if isinstance(module, XTRegionClassPrior):  # a new detector starts as the plain CenterNet head
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -336,20 +340,45 @@ class XTRegionDecoderModel(XTPreTrainedModel):
         context = self.context_grid(outputs.last_hidden_state, outputs.region_feature_maps[-1].shape[-2:])
         return outputs, context, rows, cols
 
-    def new_region_presence_head(self) -> XTRegionPresenceHead | None:
-        """The auxiliary head of `region_presence_loss_weight` on the tokens the decoder fuses at its deepest stage
-        (context tokens, or the region encoder's own without a context encoder); `None` when the weight is 0."""
+    def new_presence_heads(self) -> None:
+        """The auxiliary heads of `region_presence_loss_weight` and `scene_presence_loss_weight` on the tokens the
+        decoder fuses at its deepest stage (context tokens, or the region encoder's own without a context
+        encoder); each is `None` when its weight is 0."""
         config = self.config
-        if not config.region_presence_loss_weight:
-            return None
-        width = config.context_hidden_size if config.context_encoder != "none" else self.xt.region_encoder.channels[-1]
-        return XTRegionPresenceHead(width, config.num_labels)
+        self.region_presence = self.scene_presence = None
+        if config.region_presence_loss_weight:
+            self.region_presence = XTRegionPresenceHead(self.fused_token_width(), config.num_labels)
+        if config.scene_presence_loss_weight:
+            self.scene_presence = XTRegionPresenceHead(self.fused_token_width(), config.num_labels)
+
+    def fused_token_width(self) -> int:
+        """Channels of the tokens the decoder fuses at its deepest stage: the context encoder's, or the region
+        encoder's deepest stage's without one."""
+        config = self.config
+        return config.context_hidden_size if config.context_encoder != "none" else self.xt.region_encoder.channels[-1]
 
     def region_presence_logits(
         self, outputs: XTModelOutput, context: torch.Tensor | None, rows: int, cols: int
     ) -> torch.Tensor:
         """`(batch, rows, cols, num_labels)` logits of the region presence head."""
         return self.region_presence(outputs.region_feature_maps[-1] if context is None else context, rows, cols)
+
+    def presence_losses(
+        self, outputs: XTModelOutput, context: torch.Tensor | None, rows: int, cols: int, presence: torch.Tensor
+    ) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
+        """The weighted sum of the presence losses against `(batch, rows, cols, num_labels)` 0/1 region targets,
+        and each unweighted loss by name (`loss_region_presence`, `loss_scene_presence`)."""
+        config, total, parts = self.config, 0.0, {}
+        if self.region_presence is not None:
+            parts["loss_region_presence"] = region_presence_loss(
+                self.region_presence_logits(outputs, context, rows, cols), presence)
+            total = total + config.region_presence_loss_weight * parts["loss_region_presence"]
+        if self.scene_presence is not None:
+            tokens = outputs.region_feature_maps[-1] if context is None else context
+            parts["loss_scene_presence"] = region_presence_loss(
+                self.scene_presence(tokens, 1, 1), presence.amax(dim=(1, 2), keepdim=True))
+            total = total + config.scene_presence_loss_weight * parts["loss_scene_presence"]
+        return total, parts
 
     def context_grid(self, tokens: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor | None:
         """Context-encoded tokens `(batch, H_S·W_S, D)` put back on the deepest stitched stage's grid of
@@ -383,7 +412,7 @@ class XTForSemanticSegmentation(XTRegionDecoderModel):
         self.xt = XTModel(config)
         context_channels = config.context_hidden_size if config.context_encoder != "none" else 0
         self.decoder = XTSegmentationDecoder(config, self.xt.region_encoder.channels, context_channels)
-        self.region_presence = self.new_region_presence_head()
+        self.new_presence_heads()
         self.post_init()
 
     @can_return_tuple
@@ -413,11 +442,10 @@ class XTForSemanticSegmentation(XTRegionDecoderModel):
         loss = None
         if labels is not None:
             loss = self.segmentation_loss(logits, labels)
-            if self.region_presence is not None:
+            if self.region_presence is not None or self.scene_presence is not None:
                 presence = presence_from_masks(labels, self.config.num_labels, self.config.region_size,
                                                self.config.semantic_loss_ignore_index)
-                presence_loss = region_presence_loss(self.region_presence_logits(outputs, context, rows, cols), presence)
-                loss = loss + self.config.region_presence_loss_weight * presence_loss
+                loss = loss + self.presence_losses(outputs, context, rows, cols, presence)[0]
         return SemanticSegmenterOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -526,7 +554,10 @@ class XTForObjectDetection(XTRegionDecoderModel):
         self.decoder = XTSegmentationDecoder(config, self.xt.region_encoder.channels, context_channels)
         self.decoder.classifier = nn.Identity()
         self.detection_head = XTCenterNetHead(config.decoder_hidden_size, config.num_labels)
-        self.region_presence = self.new_region_presence_head()
+        self.region_class_prior = None
+        if config.detection_region_class_prior:
+            self.region_class_prior = XTRegionClassPrior(self.fused_token_width(), config.num_labels)
+        self.new_presence_heads()
         self.post_init()
 
     @can_return_tuple
@@ -562,11 +593,11 @@ class XTForObjectDetection(XTRegionDecoderModel):
             weights = (self.config.detection_heatmap_loss_weight, self.config.detection_size_loss_weight,
                        self.config.detection_offset_loss_weight)
             loss, loss_dict = centernet_loss(maps, targets, image_size=(height, width), stride=stride, weights=weights)
-            if self.region_presence is not None:
+            if self.region_presence is not None or self.scene_presence is not None:
                 presence = presence_from_boxes(targets, self.config.num_labels, (height, width), self.config.region_size)
-                presence_loss = region_presence_loss(self.region_presence_logits(outputs, context, rows, cols), presence)
-                loss_dict["loss_region_presence"] = presence_loss
-                loss = loss + self.config.region_presence_loss_weight * presence_loss
+                presence_loss, presence_parts = self.presence_losses(outputs, context, rows, cols, presence)
+                loss_dict.update(presence_parts)
+                loss = loss + presence_loss
         num_labels = self.config.num_labels
         return XTObjectDetectionOutput(
             loss=loss,
@@ -585,7 +616,12 @@ class XTForObjectDetection(XTRegionDecoderModel):
         """Regions' stage maps `(n, C_s, h_s, w_s)` (and their context tokens `(n, D, h, w)`) → their dense maps
         `(n, num_labels + 4, R/s, R/s)`: heatmap logits, then box width, height, then centre offset x, y, sizes and
         offsets in output cells (`s = decoder_output_stride` pixels). A region's maps depend on nothing else."""
-        return self.detection_head(self.at_output_resolution(self.decoder(stage_features, context)))
+        maps = self.detection_head(self.at_output_resolution(self.decoder(stage_features, context)))
+        if self.region_class_prior is None:
+            return maps
+        num_labels = self.config.num_labels
+        heatmap = self.region_class_prior(maps[:, :num_labels], stage_features[-1] if context is None else context)
+        return torch.cat([heatmap, maps[:, num_labels:]], dim=1)
 
     def detect_regions(self, maps: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """`detections_from_dense_maps` of regions' maps with the config's stride, threshold and limit."""
