@@ -103,8 +103,8 @@ TASKS = {
     "beacons": Task(
         name="beacons",
         configs={"context": "detection_context.yaml", "nocontext": "detection_nocontext.yaml"},
-        generator_options=dict(image_size=192, region_size=32, num_objects=(10, 16), num_beacons=1),
-        full=Setting(train=800, validation=64, test=128, max_steps=1500, eval_steps=150),
+        generator_options=dict(image_size=128, region_size=32, num_objects=(6, 10), num_beacons=1),
+        full=Setting(train=800, validation=64, test=128, max_steps=1000, eval_steps=100),
         metrics=("test_ap50", "test_ap", "test_class_agnostic_ap50"),
         targets={"test_ap50": (None, 0.10)},
     ),
