@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -109,6 +110,23 @@ def test_the_region_class_prior_adds_one_logit_per_class_read_from_the_fused_tok
                                                     detection_region_class_prior=False))
     assert without.region_class_prior is None
     assert not any("region_class_prior" in name for name in without.state_dict())
+
+
+def test_a_detector_saved_before_the_class_prior_loads_with_a_zero_prior_and_predicts_the_same(tmp_path):
+    """Folders written before `detection_region_class_prior` existed have neither the field nor the weights."""
+    torch.manual_seed(0)
+    old = XTForObjectDetection(detection_config(classifier="pool", detection_region_class_prior=False)).eval()
+    old.save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["detection_region_class_prior"]
+    config_file.write_text(json.dumps(saved))
+    loaded = XTForObjectDetection.from_pretrained(tmp_path).eval()
+    assert loaded.region_class_prior is not None and not loaded.region_class_prior.weight.any()
+    pixel_values = torch.randn(1, 3, REGION, 2 * REGION)
+    with torch.no_grad():
+        expected, found = old(pixel_values), loaded(pixel_values)
+    torch.testing.assert_close(found.heatmap, expected.heatmap, rtol=0, atol=0)
 
 
 def test_known_boxes_round_trip_through_dense_maps_and_post_processing():
