@@ -361,7 +361,13 @@ class XTRegionDecoderModel(XTPreTrainedModel):
         self, outputs: XTModelOutput, context: torch.Tensor | None, rows: int, cols: int
     ) -> torch.Tensor:
         """`(batch, rows, cols, num_labels)` logits of the region presence head."""
-        return self.region_presence(outputs.region_feature_maps[-1] if context is None else context, rows, cols)
+        return self.region_presence(self.fused_tokens(outputs, context), rows, cols)
+
+    @staticmethod
+    def fused_tokens(outputs: XTModelOutput, context: torch.Tensor | None) -> torch.Tensor:
+        """The tokens the decoder fuses at its deepest stage, on its grid: the context tokens, or the region
+        encoder's deepest stage without a context encoder."""
+        return outputs.region_feature_maps[-1] if context is None else context
 
     def presence_losses(
         self, outputs: XTModelOutput, context: torch.Tensor | None, rows: int, cols: int, presence: torch.Tensor
@@ -374,9 +380,9 @@ class XTRegionDecoderModel(XTPreTrainedModel):
                 self.region_presence_logits(outputs, context, rows, cols), presence)
             total = total + config.region_presence_loss_weight * parts["loss_region_presence"]
         if self.scene_presence is not None:
-            tokens = outputs.region_feature_maps[-1] if context is None else context
+            anywhere = presence.amax(dim=(1, 2), keepdim=True)  # the classes of the whole image
             parts["loss_scene_presence"] = region_presence_loss(
-                self.scene_presence(tokens, 1, 1), presence.amax(dim=(1, 2), keepdim=True))
+                self.scene_presence(self.fused_tokens(outputs, context), 1, 1), anywhere)
             total = total + config.scene_presence_loss_weight * parts["loss_scene_presence"]
         return total, parts
 
