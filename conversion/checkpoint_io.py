@@ -141,6 +141,8 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"Checkpoint {path} does not exist or is not a file.")
     if path.stat().st_size == 0:
         raise CheckpointError(f"Checkpoint {path} is empty (0 bytes): download or copy it again.")
+    if torch_save_format(path) is None and file_kind(path) is None:  # text, JSON, safetensors: named below
+        raise CheckpointError(_not_a_checkpoint(path))
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -168,10 +170,45 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def torch_save_format(path: str | Path) -> str | None:
+    """'zip' (what `torch.save` writes since PyTorch 1.6) or 'pickle' (older `torch.save`, a pickle of protocol 2 or
+    later) when a file's first bytes say so, else None: then it is no PyTorch checkpoint, whatever its name."""
+    with open(path, "rb") as file:
+        head = file.read(2)
+    if head == b"PK":
+        return "zip"
+    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL:
+        return "pickle"
+    return None
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    """Why the binary file `path` is no PyTorch checkpoint, from what it is: its size and its first bytes (torch's
+    own error for it would be an unpickling error that advises retrying with `weights_only=False`)."""
+    with open(path, "rb") as file:
+        head = file.read(8)
+    return (f"{path} is not a readable PyTorch checkpoint, nor a PyTorch checkpoint at all: its "
+            f"{path.stat().st_size:,} bytes are {describe_file(path)} starting with {head.hex(' ')}, where torch.save "
+            f"writes a zip archive (50 4b 03 04) or, before PyTorch 1.6, a pickle (80 02). Pass the original xT "
+            f".ckpt as --checkpoint.")
+
+
 def _unreadable(path: Path, error: BaseException) -> str:
     if file_kind(path) in ("JSON", "safetensors", "text"):
         return f"{path} is {describe_file(path)}, not a PyTorch checkpoint: pass the original .ckpt as --checkpoint."
-    return f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {first_line(error)}"
+    return f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {_torch_reason(error)}"
+
+
+def _torch_reason(error: BaseException) -> str:
+    """What torch found wrong, without its advice to retry with `weights_only=False` (never right for a file that
+    failed to load as tensors: it would run whatever code the file holds)."""
+    message = str(error)
+    if "WeightsUnpickler error:" in message:
+        message = message.split("WeightsUnpickler error:", 1)[1]
+    reason = next((line.strip() for line in message.splitlines() if line.strip()), type(error).__name__)
+    if "weights_only" in reason:
+        return f"{type(error).__name__} while unpickling it"
+    return reason
 
 
 def non_finite_entries(tensors: dict[str, torch.Tensor]) -> list[str]:

@@ -266,9 +266,88 @@ def test_an_explicit_rescale_factor_wins_over_the_data_type(tmp_path):
 def test_dtype_rescale_factor():
     assert dtype_rescale_factor(np.uint8) == 1 / 255
     assert dtype_rescale_factor(np.uint16) == 1 / 65535
-    assert dtype_rescale_factor(np.int16) == 1 / 32767
     assert dtype_rescale_factor(np.float32) == dtype_rescale_factor(np.float64) == dtype_rescale_factor(bool) == 1.0
     assert dtype_rescale_factor(torch.uint8) == 1 / 255 and dtype_rescale_factor(torch.float16) == 1.0
+    assert dtype_rescale_factor(torch.bfloat16) == dtype_rescale_factor(torch.bool) == 1.0
+    for dtype in (np.int8, np.int16, np.int32, np.int64, np.uint32, np.uint64, torch.int64, torch.int32):
+        with pytest.raises(ValueError, match="no standard range"):
+            dtype_rescale_factor(dtype)
+
+
+def both_backends() -> list:
+    backends = [XTImageProcessor]
+    if is_torchvision_available():
+        from xt_hf.image_processing_xt_fast import XTImageProcessorFast
+
+        backends.append(XTImageProcessorFast)
+    return backends
+
+
+EIGHT_BIT_VALUES_IN_WIDER_TYPES = {
+    "numpy int64 (rng.integers)": lambda image: image.astype(np.int64),
+    "numpy int32": lambda image: image.astype(np.int32),
+    "numpy int16": lambda image: image.astype(np.int16),
+    "numpy int8": lambda image: (image // 2).astype(np.int8),  # halved to fit
+    "numpy uint32": lambda image: image.astype(np.uint32),
+    "numpy uint64": lambda image: image.astype(np.uint64),
+    "torch int64 (torch.randint)": lambda image: torch.from_numpy(image.astype(np.int64)),
+}
+
+
+@pytest.mark.parametrize("backend", both_backends(), ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("widen", EIGHT_BIT_VALUES_IN_WIDER_TYPES.values(), ids=EIGHT_BIT_VALUES_IN_WIDER_TYPES.keys())
+def test_integer_images_without_a_standard_range_are_refused_not_darkened(backend, widen):
+    """Dividing int64 pixels by 2**63 - 1 made any picture black and still gave a prediction; now the error names
+    the type and the way out, and the way out (an explicit factor, in the call or the processor) works."""
+    image = random_image(20, 20)
+    wide = widen(image)
+    processor = backend(region_size=REGION)
+    with pytest.raises(ValueError, match=r"type (u?int\d+) have no standard range.*rescale_factor=1/255.*uint8"):
+        processor(wide, return_tensors="pt")
+    values = np.asarray(wide, dtype=np.float64).transpose(2, 0, 1)
+    expected = torch.from_numpy((values / 255 - MEAN) / STD).float()
+    in_the_call = processor(wide, rescale_factor=1 / 255, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(in_the_call[0, :, :20, :20], expected, rtol=0, atol=2e-5)
+    explicit = backend(region_size=REGION, rescale_factor=1 / 255)
+    torch.testing.assert_close(explicit(wide, return_tensors="pt")["pixel_values"][0, :, :20, :20], expected,
+                               rtol=0, atol=2e-5)
+    assert processor(wide, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"].max() > 1
+
+
+def test_the_streaming_engine_refuses_int64_windows_the_same_way():
+    window = random_image(5, 7).astype(np.int64)
+    stats = dict(image_mean=MEAN.ravel().tolist(), image_std=STD.ravel().tolist())
+    with pytest.raises(ValueError, match="int64 have no standard range.*--rescale-factor"):
+        normalize_pixels(window, **stats)
+    np.testing.assert_allclose(normalize_pixels(window, **stats, rescale_factor=1 / 255), by_hand(window), atol=1e-5)
+
+
+def test_a_saved_rescale_factor_counts_as_explicit_for_int64_images(tmp_path):
+    """A file that records a number (the 1/255 of older versions included) says how to scale; one that records
+    none (today's default) leaves it to the data type, which refuses int64."""
+    image = random_image(16, 16)
+    XTImageProcessor(region_size=REGION, rescale_factor=1 / 255).save_pretrained(tmp_path / "recorded")
+    XTImageProcessor(region_size=REGION).save_pretrained(tmp_path / "default")
+    recorded = XTImageProcessor.from_pretrained(tmp_path / "recorded")
+    np.testing.assert_allclose(recorded(image.astype(np.int64), return_tensors="np")["pixel_values"][0],
+                               by_hand(image), atol=1e-5)
+    with pytest.raises(ValueError, match="no standard range"):
+        XTImageProcessor.from_pretrained(tmp_path / "default")(image.astype(np.int64))
+
+
+@pytest.mark.parametrize("backend", both_backends(), ids=lambda cls: cls.__name__)
+def test_per_channel_statistics_given_in_the_call_win_over_the_processor(backend):
+    """transformers' common `test_call_numpy_4_channels` call: 4-channel images with 4 statistics in the call."""
+    images = [random_image(20, 20, channels=4, seed=seed) for seed in range(2)]
+    processor = backend(region_size=REGION)  # 3 channels
+    pixel_values = processor(images, return_tensors="pt", input_data_format="channels_last",
+                             image_mean=(0, 0, 0, 0), image_std=(1, 1, 1, 1))["pixel_values"]
+    assert pixel_values.shape == (2, 4, 32, 32)
+    torch.testing.assert_close(pixel_values[1, :, :20, :20],
+                               torch.from_numpy(images[1].transpose(2, 0, 1) / 255).float(), rtol=0, atol=1e-6)
+    assert processor.num_channels == 3  # the call did not change the processor
+    with pytest.raises(ValueError, match="image_mean has 4 values but num_channels is 3"):
+        processor(images, image_mean=[0.5] * 4)  # the processor's 3 image_std values stay: a mismatch, named
 
 
 def test_normalize_pixels_takes_windows_of_any_layout_and_type():

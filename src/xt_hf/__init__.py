@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForObjectDetection,
     AutoModelForSemanticSegmentation,
 )
+from transformers.models.auto import modeling_auto
 from transformers.utils import is_torchvision_available
 
 from .configuration_xt import XTConfig
@@ -31,6 +32,16 @@ AutoModel.register(XTConfig, XTModel, exist_ok=True)
 AutoModelForImageClassification.register(XTConfig, XTForImageClassification, exist_ok=True)
 AutoModelForSemanticSegmentation.register(XTConfig, XTForSemanticSegmentation, exist_ok=True)
 AutoModelForObjectDetection.register(XTConfig, XTForObjectDetection, exist_ok=True)
+# The pipelines check a model against the static `model_type -> class name` tables of the Auto classes, which
+# `register` leaves alone: without these entries, pipeline("object-detection", ...) logs "XTForObjectDetection is not
+# supported for object-detection" and then runs it. (The Auto classes never read an entry whose model_type has no
+# built-in config, so they still load the classes registered above.)
+for _table, _model_class in (
+    ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", XTForImageClassification),
+    ("MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES", XTForSemanticSegmentation),
+    ("MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES", XTForObjectDetection),
+):
+    getattr(modeling_auto, _table, {}).setdefault(XTConfig.model_type, _model_class.__name__)
 # Both backends, so that AutoImageProcessor's default (torchvision when installed) needs no fallback. A processor saved
 # by either one lists both modules in its auto_map (one class per backend) for remote code.
 _image_processor_classes = {"pil": XTImageProcessor}

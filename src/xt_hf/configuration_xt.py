@@ -3,14 +3,17 @@ of the released checkpoints (see `../shared/fixtures/original_xt/README.md` of t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
+import re
 import sys
 import warnings
 from typing import Literal, get_args, get_origin
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import HFValidationError
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
@@ -258,6 +261,7 @@ class XTConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         _warn_about_misspelt_keys(self, kwargs)
+        _check_backbone_model_type(self.backbone_config)
         requested_num_labels = kwargs.get("num_labels")
         super().__post_init__(**kwargs)
         if requested_num_labels is not None and requested_num_labels < 1:
@@ -275,6 +279,23 @@ class XTConfig(PreTrainedConfig):
             self.backbone_config.image_size = self.region_size
 
         self.check_fields()
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """`PreTrainedConfig.get_config_dict` (what `from_pretrained` reads), refusing another model type's config:
+        transformers would only log a warning and build an xT model of default size from its unrelated keys."""
+        with named_missing_folder(pretrained_model_name_or_path):
+            config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            architectures = config_dict.get("architectures") or []
+            saved = f" ({', '.join(map(str, architectures))})" if architectures else ""
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {model_type!r} model{saved}, not an xT one: its config.json "
+                f"has model_type={model_type!r} where {cls.__name__} needs {cls.model_type!r}. Load it with its own "
+                f"class (or AutoModel), or give the folder or Hub id of a saved xT model."
+            )
+        return config_dict, kwargs
 
     @classmethod
     def allowed_values(cls, name: str) -> tuple:
@@ -415,6 +436,98 @@ def _warn_about_misspelt_keys(config, kwargs: dict) -> None:
                 UserWarning,
                 stacklevel=_caller_stacklevel(),
             )
+
+
+# The pipeline task each xT class answers; a pipeline of another task would give it a head of random weights.
+PIPELINE_TASKS = {
+    "XTModel": "image-feature-extraction",
+    "XTForImageClassification": "image-classification",
+    "XTForSemanticSegmentation": "image-segmentation",
+    "XTForObjectDetection": "object-detection",
+}
+
+
+def check_pipeline_task(model_class: str, name, architectures) -> None:
+    """Inside `transformers.pipeline(task, model=name)`, a `ValueError` when the folder was saved by an xT class of
+    another task than the `model_class` being loaded for it: that class's head would start from random weights and
+    answer nothing useful (a detection pipeline on a classifier returns `[]`) after a long report of missing and
+    unexpected weights. Outside a pipeline, loading another head's weights is transfer learning, and allowed; a
+    bare `XTModel` (feature extraction) reads any of them."""
+    saved = [architecture for architecture in architectures or () if architecture in PIPELINE_TASKS]
+    if model_class == "XTModel" or model_class not in PIPELINE_TASKS or not saved or model_class in saved:
+        return
+    task = pipeline_task()
+    if task is None:
+        return
+    raise ValueError(
+        f"{name} holds an {saved[0]}, a model for {PIPELINE_TASKS[saved[0]]}, but pipeline({task!r}) loads it as "
+        f"{model_class}, whose head would be random weights. Use pipeline({PIPELINE_TASKS[saved[0]]!r}, model=...) "
+        f"for this model, or fine-tune an {model_class} from it first."
+    )
+
+
+def pipeline_task() -> str | None:
+    """The task of the `transformers.pipeline(...)` call this code runs under, or None. The pipeline passes its task
+    to the Auto class as `_from_pipeline`, but `AutoConfig` consumes it before the model class is called, so it is
+    read from the pipeline's own frames (the `task` argument of `pipeline()` and of its `load_model`)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith("transformers.pipelines"):
+            task = frame.f_locals.get("task")
+            if isinstance(task, str):
+                return task
+        frame = frame.f_back
+    return None
+
+
+# A Hub repo id: "name" or "org/name", letters, digits, '-', '_' and '.'; anything else with a slash is a path.
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def looks_like_local_path(name) -> bool:
+    """Whether `from_pretrained(name)` can only mean a folder on this machine: absolute, starting with `./`, `../` or
+    `~`, or with path separators that no Hub repo id has (`org/name` stays a repo id)."""
+    if not isinstance(name, str):
+        return hasattr(name, "__fspath__")
+    return name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in name or (
+        "/" in name and not _REPO_ID.fullmatch(name))
+
+
+@contextlib.contextmanager
+def named_missing_folder(name):
+    """Turn the Hub's repo-id error for a local path that is not a folder ("Repo id must be in the form ...") into
+    one that says so. transformers treats `name` as a Hub id only after finding no folder there, so the path does
+    not exist (or is a file); this module reads no files to tell which."""
+    try:
+        yield
+    except (HFValidationError, OSError) as error:
+        invalid_id = isinstance(error, HFValidationError) or isinstance(error.__cause__, HFValidationError)
+        if not (invalid_id and looks_like_local_path(name)):
+            raise
+        path = str(name.__fspath__()) if hasattr(name, "__fspath__") else name
+        why = (f"from_pretrained does not expand `~`, give the full path (os.path.expanduser({path!r}))"
+               if path.startswith("~") else "it does not exist")
+        raise FileNotFoundError(
+            f"No folder {path}: {why}. from_pretrained takes a folder written by save_pretrained or a Hub repo id "
+            f"such as 'org/name'."
+        ) from error
+
+
+def _check_backbone_model_type(backbone_config) -> None:
+    """A `ValueError` naming a `backbone_config` dict's `model_type` when no transformers backbone has it, with the
+    closest backbone types; transformers would otherwise fail with a bare `KeyError: 'swinv3'`."""
+    if not isinstance(backbone_config, dict) or "model_type" not in backbone_config:
+        return
+    model_type = backbone_config["model_type"]
+    if model_type in MODEL_FOR_BACKBONE_MAPPING_NAMES:
+        return
+    backbones = sorted(MODEL_FOR_BACKBONE_MAPPING_NAMES)
+    close = difflib.get_close_matches(str(model_type), backbones, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(name) for name in close)}? " if close else ""
+    raise ValueError(
+        f"backbone_config has model_type={model_type!r}, which is not a transformers backbone: {hint}"
+        f"the backbone types are {', '.join(backbones)} (xT's default is 'swinv2')."
+    )
 
 
 def _caller_stacklevel() -> int:

@@ -43,26 +43,41 @@ LEGACY_RESCALE_FACTOR = 1 / 255  # what every image was multiplied by before the
 
 
 def dtype_rescale_factor(dtype) -> float:
-    """The factor that brings pixels of `dtype` to [0, 1] (signed integers: [-1, 1]).
+    """The factor that brings pixels of `dtype` to [0, 1]: the data-type rule of both processors and the engine.
 
-    Integers are divided by their type's largest value: `uint8` by 255, `uint16` by 65535, `int16` by 32767, and so
-    on. Floating-point pixels are taken as already in [0, 1] (factor 1.0), as are booleans. `dtype` is a NumPy
-    dtype (or anything `np.dtype` accepts) or a torch dtype.
+    `uint8` pixels are divided by 255 and `uint16` (16-bit PNG and TIFF) by 65535; floating-point pixels are taken as
+    already in [0, 1] (factor 1.0), as are booleans. Any other integer type is refused with a `ValueError`: its
+    largest value says nothing about the data (`np.random.default_rng().integers` and `torch.randint` give int64
+    whatever the range), and dividing by it would turn any picture into a near-black one without a word. `dtype` is
+    a NumPy dtype (or anything `np.dtype` accepts) or a torch dtype.
     """
-    if not isinstance(dtype, np.dtype) and type(dtype).__module__ == "torch":  # a torch.dtype
-        import torch
-
-        if dtype.is_floating_point or dtype == torch.bool:
-            return 1.0
-        if dtype.is_complex:
-            raise TypeError(f"Pixels of dtype {dtype} cannot be rescaled.")
-        return 1.0 / torch.iinfo(dtype).max
-    dtype = np.dtype(dtype)
+    dtype = _numpy_dtype(dtype)
     if dtype.kind in "fb":
         return 1.0
-    if dtype.kind in "ui":
+    if dtype in (np.uint8, np.uint16):
         return 1.0 / np.iinfo(dtype).max
+    if dtype.kind in "ui":
+        raise ValueError(
+            f"Pixels of type {dtype} have no standard range, so they are not rescaled by data type (only uint8, "
+            f"uint16 and floats are). Give the factor that brings them to [0, 1]: rescale_factor=1/255 for 8-bit "
+            f"values, in the call or the processor (on the command line: --rescale-factor 0.00392156862745098), or "
+            f"convert the image to uint8 (or uint16) first."
+        )
     raise TypeError(f"Pixels of dtype {dtype} cannot be rescaled: expected integers, floats or booleans.")
+
+
+def _numpy_dtype(dtype) -> np.dtype:
+    """A NumPy dtype, or for a torch dtype the NumPy one of the same name (`torch.int64` -> `int64`; any torch float
+    type -> float32, which is all the rescaling rule needs to know)."""
+    if not isinstance(dtype, np.dtype) and type(dtype).__module__ == "torch":
+        if dtype.is_floating_point:  # bfloat16 and the float8 types have no NumPy name
+            return np.dtype(np.float32)
+        try:
+            return np.dtype(str(dtype).removeprefix("torch."))
+        except TypeError:  # complex, quantised
+            raise TypeError(
+                f"Pixels of dtype {dtype} cannot be rescaled: expected integers, floats or booleans.") from None
+    return np.dtype(dtype)
 
 
 def normalize_pixels(
@@ -78,7 +93,8 @@ def normalize_pixels(
     """Pixels of any dtype -> float32 `(channels, height, width)`, exactly as the xT image processors compute them.
 
     1. Cast to float32 and, with `do_rescale`, multiply by `rescale_factor`, or when it is `None` by the factor of
-       the input's dtype (`dtype_rescale_factor`: uint8 1/255, uint16 1/65535, floats 1).
+       the input's dtype (`dtype_rescale_factor`: uint8 1/255, uint16 1/65535, floats 1; other integer types are
+       refused with a `ValueError` unless `rescale_factor` is given).
     2. With `do_normalize`, `(x - image_mean) / image_std` per channel (`image_mean`/`image_std`: one value, or one
        per channel).
 
@@ -98,7 +114,9 @@ def normalize_pixels(
         pixels = pixels[..., None] if channels_last else pixels[None]
     if pixels.ndim != 3:
         raise ValueError(f"normalize_pixels takes one 2-d or 3-d image, got shape {tuple(pixels.shape)}.")
-    factor = dtype_rescale_factor(pixels.dtype) if rescale_factor is None else float(rescale_factor)
+    factor = None
+    if do_rescale:
+        factor = dtype_rescale_factor(pixels.dtype) if rescale_factor is None else float(rescale_factor)
     if tensor:
         import torch
 
@@ -121,6 +139,39 @@ def normalize_pixels(
         mean, std = (_per_channel(values, name, channels) for values, name in ((image_mean, "image_mean"), (image_std, "image_std")))
         pixels = (pixels - as_float32(mean, (-1, 1, 1))) / as_float32(std, (-1, 1, 1))
     return pixels.contiguous() if tensor else pixels
+
+
+def _with_num_channels_of_statistics(kwargs: dict, processor=None) -> dict:
+    """`kwargs` with `image_mean`/`image_std` as floats (integers such as `image_std=(1, 1, 1, 1)` would fail
+    transformers' type check of a call's arguments) and, when `num_channels` is not given, set to the number of
+    per-channel statistics: n values of `image_mean` or `image_std` say the images have n channels.
+
+    In a call (`processor` given), the count is taken only when the call gives per-channel statistics and they
+    agree with those of the processor that the call leaves in place; otherwise `num_channels` stays the
+    processor's, so that the error names the statistic with the wrong count.
+    """
+    kwargs = dict(kwargs)
+    for name in ("image_mean", "image_std"):
+        values = kwargs.get(name)
+        if isinstance(values, int) and not isinstance(values, bool):
+            kwargs[name] = float(values)
+        elif isinstance(values, list | tuple) and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                       for v in values):
+            kwargs[name] = type(values)(float(v) for v in values)
+    if kwargs.get("num_channels") is not None:
+        return kwargs
+    given = [kwargs.get(name) for name in ("image_mean", "image_std")]
+    if processor is None:
+        counts = [len(values) for values in given if isinstance(values, list | tuple)][:1]
+    elif any(isinstance(values, list | tuple) for values in given):
+        in_use = [getattr(processor, name) if values is None else values
+                  for name, values in zip(("image_mean", "image_std"), given)]
+        counts = list({len(values) for values in in_use if isinstance(values, list | tuple)})
+    else:
+        counts = []
+    if len(counts) == 1:
+        kwargs["num_channels"] = counts[0]
+    return kwargs
 
 
 def _per_channel(values, name: str, channels: int) -> list[float]:
@@ -178,12 +229,14 @@ class XTImageProcessorMixin:
             Bring pixel values to [0, 1] by multiplying them by the rescale factor (see `rescale_factor`).
         rescale_factor (`float`, *optional*):
             `None` (the default): the factor follows each image's data type: uint8 pixels are divided by 255, uint16
-            (16-bit PNG and TIFF) by 65535, other integer types by their largest value, and floating-point pixels
-            are taken as already in [0, 1] (factor 1; a warning is logged when a float image has values above 1).
-            A number given here (or in the call) is used for every image whatever its type, e.g. `1/4095` for
-            12-bit data stored as uint16, or `1/255` for float images holding 0-255 values. Files saved by earlier
-            versions hold `rescale_factor: 1/255`, which is used as given (with a warning for non-uint8 images);
-            delete the key to get the data-type rule.
+            (16-bit PNG and TIFF) by 65535, and floating-point pixels are taken as already in [0, 1] (factor 1; a
+            warning is logged when a float image has values above 1). Other integer types (int64, which NumPy's
+            and torch's random integers are, int32, uint32, ...) have no standard range and are refused with a
+            `ValueError`: give their factor here or in the call (`1/255` for 8-bit values), or convert them to
+            uint8. A number given here (or in the call) is used for every image whatever its type, e.g. `1/4095`
+            for 12-bit data stored as uint16, or `1/255` for float images holding 0-255 values. Files saved by
+            earlier versions hold `rescale_factor: 1/255`, which is used as given (with a warning for uint16
+            images); delete the key to get the data-type rule.
         do_normalize (`bool`, defaults to `True`):
             Normalise each channel with `image_mean` and `image_std` (ImageNet's by default).
         do_pad (`bool`, defaults to `True`):
@@ -201,8 +254,9 @@ class XTImageProcessorMixin:
     The arithmetic is `normalize_pixels` of this module: float32 `x * rescale_factor`, then `(x - mean) / std`.
 
     Inputs are PIL images, NumPy arrays or torch tensors, `(height, width)`, `(channels, height, width)` or
-    `(height, width, channels)`, of any integer or float type, one image or a non-empty list. The channel axis is
-    the end axis holding `num_channels` values (the first one if both do); pass `input_data_format` to override.
+    `(height, width, channels)`, uint8, uint16, float or bool (other integer types with a `rescale_factor`), one image
+    or a non-empty list. The channel axis is the end axis holding `num_channels` values (the first one if both do);
+    pass `input_data_format` to override.
     """
 
     valid_kwargs = XTImageProcessorKwargs
@@ -222,12 +276,7 @@ class XTImageProcessorMixin:
     num_channels = 3
 
     def __init__(self, **kwargs: Unpack[XTImageProcessorKwargs]):
-        if kwargs.get("num_channels") is None:
-            for name in ("image_mean", "image_std"):
-                if isinstance(kwargs.get(name), list | tuple):
-                    kwargs["num_channels"] = len(kwargs[name])
-                    break
-        super().__init__(**kwargs)
+        super().__init__(**_with_num_channels_of_statistics(kwargs))
 
     def preprocess(
         self, images: ImageInput, annotations: dict | list[dict] | None = None, **kwargs: Unpack[XTImageProcessorKwargs]
@@ -256,7 +305,9 @@ class XTImageProcessorMixin:
             normalised by the padded `H, W` (the frame of `pixel_values`), plus `image_id`, `orig_size` and `size`
             (the image's `(height, width)` before and after resizing), as tensors with `return_tensors="pt"`.
         """
-        return super().preprocess(images, annotations, **kwargs)
+        # image_mean and image_std of n values given in the call make it an n-channel call, as in the constructor:
+        # the call's values win over the processor's num_channels (transformers' common 4-channel test relies on it).
+        return super().preprocess(images, annotations, **_with_num_channels_of_statistics(kwargs, self))
 
     def _preprocess_image_like_inputs(self, images: ImageInput, annotations=None, **kwargs) -> BatchFeature:
         """Both backends' `_preprocess` on the images; COCO `annotations` become `labels` in the padded frame."""
@@ -365,10 +416,16 @@ class XTImageProcessorMixin:
         return processed
 
     def _rescale_factor_for(self, image, rescale_factor: float | None, do_rescale: bool) -> float | None:
-        """The factor for one image (before resizing, which makes it float), warning about likely mistakes."""
+        """The factor for one image (before resizing, which makes it float), warning about likely mistakes.
+
+        `rescale_factor` is the call's, else the processor's: not `None` only when someone chose it, since the
+        default is `None` (by data type). A processor file that records a number counts as such a choice, even the
+        1/255 that files of earlier versions hold and that cannot be told apart from one chosen by hand: for the
+        integer types without a data-type factor it is the usual right answer (8-bit values in int64 arrays), never
+        a near-zero one, and for uint16 and floats a warning below names it.
+        """
         if not do_rescale:
             return None
-        by_type = dtype_rescale_factor(image.dtype)
         if rescale_factor is None:
             if _is_floating(image) and _num_elements(image):
                 largest = float(image.max())
@@ -377,18 +434,18 @@ class XTImageProcessorMixin:
                         f"Float images are taken as already in [0, 1] (rescale factor 1), but one has values up to "
                         f"{largest:g}: pass rescale_factor=1/255 if it holds 0-255 values."
                     )
-            return by_type
+            return dtype_rescale_factor(image.dtype)  # refuses integer types without a standard range
         if _is_floating(image):
             if rescale_factor != 1.0 and _num_elements(image) and float(image.min()) >= 0 and float(image.max()) <= 1:
                 logger.warning_once(
                     f"A float image has all its values in [0, 1] and will be multiplied by rescale_factor="
                     f"{rescale_factor:g}; leave rescale_factor unset (None) for float images already in [0, 1]."
                 )
-        elif rescale_factor == LEGACY_RESCALE_FACTOR and by_type != LEGACY_RESCALE_FACTOR:
+        elif rescale_factor == LEGACY_RESCALE_FACTOR and _numpy_dtype(image.dtype) == np.uint16:
             logger.warning_once(
-                f"rescale_factor=1/255 is applied to an image of type {image.dtype}, whose range is 1/{by_type:.0f}: "
-                f"files saved by earlier versions of this processor hold 1/255; remove rescale_factor (set it to None) "
-                f"to rescale each image by its data type."
+                f"rescale_factor=1/255 is applied to an image of type uint16, whose range is 1/65535: files saved by "
+                f"earlier versions of this processor hold 1/255; remove rescale_factor (set it to None) to rescale "
+                f"each image by its data type."
             )
         return rescale_factor
 

@@ -12,7 +12,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput, SemanticSegmenterOutput
 from transformers.utils import ModelOutput, auto_docstring, can_return_tuple
 
-from .configuration_xt import XTConfig
+from .configuration_xt import XTConfig, check_pipeline_task, named_missing_folder
 from .context_encoder import ContextEncoding, XTContextEncoder
 from .context_mamba import XTMambaMixer
 from .detection_head import (
@@ -72,6 +72,17 @@ class XTPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a local path that is not a folder is named as such (not as a malformed
+        Hub repo id), another model type's folder is refused (`XTConfig.get_config_dict`), and so is, in a pipeline,
+        an xT folder of another task (`check_pipeline_task`)."""
+        config = kwargs.get("config")
+        if isinstance(config, XTConfig):  # how the Auto classes, and so the pipelines, call
+            check_pipeline_task(cls.__name__, pretrained_model_name_or_path, config.architectures)
+        with named_missing_folder(pretrained_model_name_or_path):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -309,7 +320,8 @@ class XTForImageClassification(XTPreTrainedModel):
         logits = self.logits_from_context(outputs)
         loss = None
         if labels is not None:
-            loss = self.loss_function(labels, logits, self.config, **kwargs)
+            loss = self.loss_function(checked_classification_labels(labels, logits, self.config), logits, self.config,
+                                      **kwargs)
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -318,6 +330,72 @@ class XTForImageClassification(XTPreTrainedModel):
         """The head's part of the forward: `(batch, num_labels)` logits from the context encoding alone (what a
         whole-scene engine calls once it has encoded a scene its own way)."""
         return self.classifier(encoded.pooler_output)
+
+
+IGNORED_CLASS_LABEL = -100  # transformers' cross-entropy ignore_index: a label that takes no part in the loss
+
+
+def checked_classification_labels(labels: torch.Tensor, logits: torch.Tensor, config: XTConfig) -> torch.Tensor:
+    """`labels` as transformers' classification loss takes them for `config.problem_type`, or a `ValueError` that
+    names what is wrong; left to the loss, a class index out of range is an `IndexError` (a device assert on CUDA)
+    and float class indices a dtype error or a shape error from the multi-label loss.
+
+    The problem type is inferred as transformers infers it (one label: regression; integer labels:
+    single-label; else multi-label), but before the loss writes it into `config`, so a refused call leaves the
+    config as it was.
+    """
+    labels = torch.as_tensor(labels, device=logits.device)
+    batch, num_labels = logits.shape
+    integers = not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
+    problem = config.problem_type or (
+        "regression" if num_labels == 1 else "single_label_classification" if integers
+        else "multi_label_classification"
+    )
+    if problem == "single_label_classification":
+        if not integers:
+            raise ValueError(
+                f"labels of dtype {labels.dtype} cannot be class indices: single-label classification takes integer "
+                f"labels (torch.long) of shape ({batch},) in [0, {num_labels - 1}] (num_labels={num_labels}); "
+                f"multi-label targets are floats of shape ({batch}, {num_labels}) with "
+                f"problem_type='multi_label_classification'."
+            )
+        if labels.numel() != batch:
+            raise ValueError(f"labels must hold one class index per image, shape ({batch},), got shape "
+                             f"{tuple(labels.shape)}.")
+        outside = ((labels < 0) | (labels >= num_labels)) & (labels != IGNORED_CLASS_LABEL)
+        if outside.any():
+            raise ValueError(
+                f"labels must be class indices in [0, {num_labels - 1}] (num_labels={num_labels}) or "
+                f"{IGNORED_CLASS_LABEL} (ignored), got {labels[outside].unique().tolist()[:5]}."
+            )
+        return labels.long()
+    expected = (batch,) if problem == "regression" and num_labels == 1 else (batch, num_labels)
+    if labels.numel() != batch * num_labels or (num_labels > 1 and tuple(labels.shape) != expected):
+        kind = "regression targets" if problem == "regression" else "multi-label targets"
+        raise ValueError(
+            f"labels of shape {tuple(labels.shape)} and dtype {labels.dtype} do not fit {problem} ({kind} are "
+            f"floats of shape {expected}, num_labels={num_labels}); single-label class indices are integers "
+            f"(torch.long) of shape ({batch},)."
+        )
+    return labels.to(logits.dtype) if not labels.is_floating_point() else labels
+
+
+def check_segmentation_labels(labels: torch.Tensor, num_labels: int, ignore_index: int) -> None:
+    """A `ValueError` naming the problem when `(batch, height, width)` segmentation `labels` are not integer class
+    indices in `[0, num_labels)` or `ignore_index`: float masks would be truncated to classes without a word, and an
+    index out of range fails deep inside the loss (a device assert on CUDA)."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"labels of dtype {labels.dtype} are not class maps: segmentation labels are integer class indices "
+            f"(torch.long) in [0, {num_labels - 1}] (num_labels={num_labels}), with {ignore_index} "
+            f"(semantic_loss_ignore_index) for unlabelled pixels; convert masks with .long() after checking them."
+        )
+    outside = ((labels < 0) | (labels >= num_labels)) & (labels != ignore_index)
+    if outside.any():
+        raise ValueError(
+            f"labels must be class indices in [0, {num_labels - 1}] (num_labels={num_labels}) or {ignore_index} "
+            f"(semantic_loss_ignore_index), got {labels[outside].unique().tolist()[:5]}."
+        )
 
 
 class XTRegionDecoderModel(XTPreTrainedModel):
@@ -442,6 +520,8 @@ class XTForSemanticSegmentation(XTRegionDecoderModel):
                 f"labels must be (batch, height, width) = {(pixel_values.shape[0], height, width)} to match "
                 f"pixel_values, got {tuple(labels.shape)}."
             )
+        if labels is not None:
+            check_segmentation_labels(labels, self.config.num_labels, self.config.semantic_loss_ignore_index)
         outputs, context, rows, cols = self.encode_for_regions(pixel_values, output_hidden_states, output_attentions)
         logits = self.cropped(self.decode(outputs.region_feature_maps, context, rows, cols), height, width)
 
