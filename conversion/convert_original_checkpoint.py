@@ -25,7 +25,27 @@ import sys
 import uuid
 from pathlib import Path
 
-import torch
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="original .ckpt (trainer payload or bare state dict)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--variant", help="released variant: original config name or Hub name")
+    source.add_argument("--original-config", help="original YAML config, or JSON with its `model_config`")
+    parser.add_argument("--output", required=True, type=Path, help="folder to write the repo into")
+    parser.add_argument("--labels", help="class names: JSON list / {id: name}, or one name per line")
+    parser.add_argument("--verify", help="safetensors with `pixel_values` and the original's `logits`")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the written folder to this Hub repo")
+    return parser
+
+
+if __name__ == "__main__":
+    # Help and usage errors answer before torch and xt_hf are imported below (seconds; over a minute on a busy
+    # machine); `main` parses the same arguments again.
+    argument_parser().parse_args()
+
+import torch  # noqa: E402
 
 if __package__ in (None, ""):  # run as a script: make `conversion` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -241,17 +261,7 @@ def write_repo(model, processor, output: Path, model_card: str, overwrite: bool)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="original .ckpt (trainer payload or bare state dict)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--variant", help="released variant: original config name or Hub name")
-    source.add_argument("--original-config", help="original YAML config, or JSON with its `model_config`")
-    parser.add_argument("--output", required=True, type=Path, help="folder to write the repo into")
-    parser.add_argument("--labels", help="class names: JSON list / {id: name}, or one name per line")
-    parser.add_argument("--verify", help="safetensors with `pixel_values` and the original's `logits`")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the written folder to this Hub repo")
-    arguments = parser.parse_args(argv)
+    arguments = argument_parser().parse_args(argv)
 
     try:
         if arguments.output.exists() and not arguments.output.is_dir():

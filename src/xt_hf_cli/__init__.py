@@ -24,9 +24,9 @@ COMMAND_MODULES = ("demo", "predict", "segment", "detect", "embed")
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:
-        # Its settings come from `xt_hf.training` (HfArgumentParser over its dataclass), which parses
+        # Its flags come from the training settings (HfArgumentParser over their dataclass), which parse
         # everything after the word itself, help included.
-        importlib.import_module("xt_hf.training.command").main(argv[1:], prog="xt-hf train")
+        importlib.import_module(f"{__name__}.train").main(argv[1:])
         return
     parser = argparse.ArgumentParser(prog="xt-hf", description="xT for very large images.")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -139,6 +139,19 @@ def load_streaming_model(arguments: argparse.Namespace, auto_class, *, task: str
     return model, with_rescale_factor(processor, model, arguments.rescale_factor), device
 
 
+def open_input(image, region_size: int | None = None):
+    """The region source of `image` (a path, or a source opened earlier), or a usage error naming the file and
+    the problem. Called before the model loads, so that a file that cannot be an image (another array layout,
+    truncated, a header that claims data the file lacks) is named at once rather than after minutes of loading;
+    then again with the model's `region_size`."""
+    from xt_hf.engine import open_region_source
+
+    try:
+        return open_region_source(image, region_size)
+    except ValueError as error:
+        fail(str(error))
+
+
 def check_spill_directory(path: str | None) -> None:
     """A spill directory must exist before an hour of region encoding starts."""
     if path is None or Path(path).is_dir():
@@ -158,6 +171,12 @@ def is_table(path: str | None) -> bool:
     return path is not None and Path(path).suffix.lower() in TABLE_SUFFIXES
 
 
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output (without it an "
+                        "existing file is refused, except a results table of the same command, model and options, "
+                        "which is resumed)")
+
+
 def add_inputs_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="TIFF/BigTIFF, .npy, zarr, whole-slide image, PNG/JPEG; with --output results.parquet "
@@ -170,31 +189,28 @@ def run_many(arguments: argparse.Namespace, *, command: str, auto_class, columns
     """Run `command` over many inputs into the `--output` table; exit 0 when every input succeeded, else 1.
 
     `make_work(model, processor, images)` returns the function that turns one input into its row's results.
-    Usage errors (no inputs, an output that cannot be written, a table of another run) stop before the model
-    loads. Under `accelerate launch` / `torchrun` the inputs are shared between the processes.
+    Usage errors (no inputs, an output that cannot be written, a file at `--output` that is not a table of this
+    very run to resume and no `--overwrite`) stop before the model loads. Under `accelerate launch` / `torchrun`
+    the inputs are shared between the processes.
     """
-    from xt_hf.engine.batch import Journal, distributed_state, expand_inputs, run_batch
+    from xt_hf.engine.batch import check_table_output, distributed_state, expand_inputs, run_batch
 
     output = Path(arguments.output)
-    if not output.parent.is_dir():
-        fail(f"--output {output}: the folder {output.parent} does not exist")
-    if not os.access(output.parent, os.W_OK):
-        fail(f"--output {output}: the folder {output.parent} is not writable")
-    try:
-        images = expand_inputs(arguments.images)
-    except ValueError as error:
-        fail(str(error))
     model_id = os.path.realpath(arguments.model) if Path(arguments.model).expanduser().exists() else arguments.model
     signature = {"command": command, "model": model_id, "dtype": arguments.dtype,
                  "rescale_factor": arguments.rescale_factor, **signature}
     try:
-        Journal(output).check_signature(signature)
+        check_table_output(output, signature, overwrite=arguments.overwrite)
     except ValueError as error:
         fail(f"--output {output}: {error}")
+    try:
+        images = expand_inputs(arguments.images)
+    except ValueError as error:
+        fail(str(error))
     state = distributed_state(cpu=arguments.device == "cpu")
     model, processor, _ = load_streaming_model(arguments, auto_class, task=f"xt-hf {command}", state=state)
     summary = run_batch(images, make_work(model, processor, images), output, columns=columns, signature=signature,
-                        state=state)
+                        state=state, fresh=arguments.overwrite)
     if state is None or state.is_main_process:
         print(summary.line(f"xt-hf {command}"))
     if summary.failed:

@@ -6,7 +6,7 @@ import argparse
 import resource
 import time
 
-from .common import add_streaming_arguments, fail, load_streaming_model
+from .common import add_streaming_arguments, fail, load_streaming_model, open_input
 
 
 def add_parser(subparsers) -> None:
@@ -33,11 +33,13 @@ def run(arguments: argparse.Namespace) -> None:
         fail(f"--output {arguments.output}: {error}")
     if not 0.0 <= arguments.threshold <= 1.0:
         fail(f"--threshold {arguments.threshold}: a score between 0 and 1")
+    source = open_input(arguments.image)
     model, processor, _ = load_streaming_model(arguments, AutoModelForObjectDetection, task="xt-hf detect")
+    source = open_input(source, model.config.region_size)
     start = time.perf_counter()
     try:
         detections = detect_streaming(
-            model, arguments.image, threshold=arguments.threshold, processor=processor,
+            model, source, threshold=arguments.threshold, processor=processor,
             region_batch_size=arguments.region_batch_size, num_workers=arguments.num_workers, progress=True,
             spill_directory=arguments.spill_dir,
         )

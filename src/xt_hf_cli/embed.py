@@ -12,7 +12,8 @@ import argparse
 import os
 from pathlib import Path
 
-from .common import add_inputs_argument, add_streaming_arguments, fail, is_table, run_many, streaming_options
+from .common import (add_inputs_argument, add_overwrite_argument, add_streaming_arguments, fail, is_table, run_many,
+                     streaming_options)
 
 COLUMNS = {"path": "string", "embedding": "list<float32>", "tokens": "string", "seconds": "float64",
            "error": "string"}
@@ -27,6 +28,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--tokens-dir", help="also write each image's context token grid to "
                         "DIR/<input name>.safetensors")
     add_streaming_arguments(parser)
+    add_overwrite_argument(parser)
     parser.set_defaults(run=run)
 
 

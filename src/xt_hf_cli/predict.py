@@ -14,10 +14,12 @@ import time
 from .common import (
     TABLE_SUFFIXES,
     add_inputs_argument,
+    add_overwrite_argument,
     add_streaming_arguments,
     fail,
     is_table,
     load_streaming_model,
+    open_input,
     positive_int,
     run_many,
     streaming_options,
@@ -39,6 +41,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--shard-regions", action="store_true",
                         help="one image under torchrun / accelerate launch: the processes share its regions, rank 0 "
                              "runs the context encoder and prints")
+    add_overwrite_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -79,9 +82,10 @@ def run_one(arguments: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForImageClassification
 
-    from xt_hf.engine import open_region_source, predict_streaming
+    from xt_hf.engine import predict_streaming
     from xt_hf.nested_tokenization import region_grid_shape
 
+    source = open_input(arguments.image)
     state = None
     if arguments.shard_regions:
         from xt_hf.engine.batch import distributed_state
@@ -91,10 +95,7 @@ def run_one(arguments: argparse.Namespace) -> None:
             fail("--shard-regions shares one image between processes: launch with torchrun or accelerate launch")
     model, processor, device = load_streaming_model(arguments, AutoModelForImageClassification, task="xt-hf predict",
                                                     state=state)
-    try:
-        source = open_region_source(arguments.image, model.config.region_size)
-    except ValueError as error:
-        fail(str(error))
+    source = open_input(source, model.config.region_size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()

@@ -13,8 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .common import (add_inputs_argument, add_streaming_arguments, fail, is_table, load_streaming_model, run_many,
-                     streaming_options)
+from .common import (add_inputs_argument, add_overwrite_argument, add_streaming_arguments, fail, is_table,
+                     load_streaming_model, open_input, run_many, streaming_options)
 
 COLUMNS = {"path": "string", "mask": "string", "height": "int64", "width": "int64", "seconds": "float64",
            "error": "string"}
@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--mask-format", choices=["zarr", "tif"], default="zarr",
                         help="many inputs: the masks' format (default zarr)")
     add_streaming_arguments(parser)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_overwrite_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -101,11 +101,13 @@ def run_one(arguments: argparse.Namespace) -> None:
         check_output_path(arguments.output, suffixes=CLASS_MAP_SUFFIXES, overwrite=arguments.overwrite)
     except ValueError as error:
         fail(f"--output {arguments.output}: {error}")
+    source = open_input(arguments.image)
     model, processor, _ = load_streaming_model(arguments, AutoModelForSemanticSegmentation, task="xt-hf segment")
+    source = open_input(source, model.config.region_size)
     start = time.perf_counter()
     try:
         height, width = segment_streaming(
-            model, arguments.image, arguments.output, processor=processor,
+            model, source, arguments.output, processor=processor,
             region_batch_size=arguments.region_batch_size, num_workers=arguments.num_workers, progress=True,
             overwrite=arguments.overwrite, spill_directory=arguments.spill_dir,
         )

@@ -12,7 +12,9 @@ Safe to kill at any moment, and resumable:
 - the table itself is only ever replaced whole (written to a temporary file, fsync'd, `os.replace`d): it is
   rewritten from the journal every `snapshot_seconds` and at the end, so it is always a complete table;
 - a rerun reads the journal and skips every input whose key (resolved path, size, modification time) has a
-  row without an error; failed inputs are tried again. Its final table equals an uninterrupted run's.
+  row without an error; failed inputs are tried again. Its final table equals an uninterrupted run's;
+- only a table whose journal says it is ours, made by the same command, model and options, is resumed
+  (`check_table_output`): any other existing file is refused unless replacing it is asked for (`fresh`).
 
 Under `accelerate launch` / `torchrun` (`WORLD_SIZE` > 1) the pending inputs are split between the processes
 (`PartialState.split_between_processes`), each rank appends to its own journal, and rank 0 gathers the rows
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .sources import NUMPY_SUFFIXES, PIL_SUFFIXES, SLIDE_SUFFIXES, TIFF_SUFFIXES
+from .writers import check_output_path
 
 TABLE_SUFFIXES = (".parquet", ".jsonl")
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
@@ -229,20 +232,44 @@ class Journal:
     def __init__(self, output: str | os.PathLike):
         output = Path(output)
         self.directory = output.with_name(output.name + ".parts")
+        self.run_file = self.directory / "run.json"
+
+    def recorded_signature(self) -> dict | None:
+        """What produced the rows (command, model, options), or `None` where no run of ours left a journal."""
+        if not self.run_file.is_file():
+            return None
+        try:
+            return json.loads(self.run_file.read_text())
+        except ValueError:
+            raise ValueError(f"its journal {self.run_file} is not JSON: delete it, or give a new --output") from None
 
     def check_signature(self, signature: dict) -> None:
-        """Rows of another command, model or settings must not be mixed in: refuse them (`ValueError`)."""
-        path = self.directory / "run.json"
-        if path.is_file():
-            recorded = json.loads(path.read_text())
-            if recorded != signature:
-                changed = sorted(k for k in set(recorded) | set(signature) if recorded.get(k) != signature.get(k))
-                raise ValueError(f"holds results of another run (different {', '.join(changed)}): give a new "
-                                 f"--output, or delete it and {self.directory}")
+        """Rows of another command, model or settings must not be mixed in: refuse them (`ValueError`), naming
+        each setting that differs with its recorded and its new value."""
+        recorded = self.recorded_signature()
+        if recorded is None or recorded == signature:
+            return
+        changed = sorted(k for k in set(recorded) | set(signature) if recorded.get(k) != signature.get(k))
+        values = "; ".join(f"{k} was {recorded.get(k)!r}, now {signature.get(k)!r}" for k in changed)
+        raise ValueError(f"holds results of another run (different {', '.join(changed)}): {values}. Give a new "
+                         f"--output, or --overwrite to replace it and its journal {self.directory}")
+
+    def clear(self, rank: int) -> None:
+        """Forget an earlier run: rank 0 removes what produced the rows and every journal file it sees; each other
+        rank its own file (which may lie on a disk rank 0 does not share). Only unlinks, so ranks never race."""
+        if not self.directory.is_dir():
+            return
+        if rank == 0:
+            self.run_file.unlink(missing_ok=True)
+            parts = sorted(self.directory.glob("rank*.jsonl"))
+        else:
+            parts = [self.directory / f"rank{rank}.jsonl"]
+        for part in parts:
+            part.unlink(missing_ok=True)
 
     def start(self, signature: dict) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / "run.json"
+        path = self.run_file
         if not path.is_file():
             temporary = path.with_name(f".run.json.{os.getpid()}.tmp")
             temporary.write_text(json.dumps(signature, sort_keys=True))
@@ -274,6 +301,28 @@ class Journal:
                 if reader.read(1) != b"\n":  # a line torn by a kill: end it, so that it stays one bad line
                     handle.write("\n")
         return handle
+
+
+def check_table_output(output: str | os.PathLike, signature: dict, *, overwrite: bool) -> Path:
+    """Before any work, whether a run with `signature` may write the results table `output` (`ValueError`, naming
+    the file and what differs, if not).
+
+    A table is resumed only where its journal says a run of ours made it with the same command, model and
+    options; a table of another run, or any other file at that path (the user's own table, say), is never
+    silently replaced: `overwrite` replaces it, and `run_batch(..., fresh=True)` then forgets its journal.
+    """
+    output, journal = Path(output), Journal(output)
+    resumable = False
+    if not overwrite:
+        journal.check_signature(signature)
+        resumable = journal.recorded_signature() is not None
+    try:
+        return check_output_path(output, suffixes=TABLE_SUFFIXES, overwrite=overwrite or resumable)
+    except ValueError as error:
+        if output.exists() and not (overwrite or resumable):
+            raise ValueError(f"{error} It is not a results table of an earlier run to resume: it has no journal "
+                             f"{journal.run_file}.") from None
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -316,6 +365,7 @@ def run_batch(
     state=None,
     snapshot_seconds: float = SNAPSHOT_SECONDS,
     progress: bool = True,
+    fresh: bool = False,
 ) -> BatchSummary:
     """Call `work(image)` for each image not already done and write one table to `output`.
 
@@ -323,10 +373,13 @@ def run_batch(
     `error` (`"ValueError: ..."`), and the batch goes on. Every row has `path`, the result columns, `seconds`
     and `error` (`columns` names them all, with types: `string`, `float64`, `list<float32>`, ...).
     `state`: `distributed_state()`; with several processes every one must call this with the same inputs.
+    `fresh`: forget the journal of an earlier run first (the replacing run of `check_table_output(overwrite=True)`).
     """
     output = Path(output)
     journal = Journal(output)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    if fresh:
+        journal.clear(rank)
     if rank == 0:
         journal.start(signature)
     if state is not None:
@@ -401,6 +454,7 @@ __all__ = [
     "TABLE_SUFFIXES",
     "BatchSummary",
     "Journal",
+    "check_table_output",
     "distributed_state",
     "expand_inputs",
     "input_key",

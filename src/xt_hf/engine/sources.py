@@ -8,6 +8,9 @@ forwards agree.
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..image_processing_xt import normalize_pixels
+from ..image_processing_xt import dtype_rescale_factor, normalize_pixels
 from ..nested_tokenization import region_grid_shape
 from .spill import drop_mapped_pages
 
@@ -26,6 +29,11 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".mrxs", ".vms", ".bif")
 NUMPY_SUFFIXES = (".npy",)
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used as given; the message names the file (where there is one) and the reason.
+    Whatever else a reader raises for a broken file is turned into one of these, naming the file."""
 
 
 class RegionSource(Protocol):
@@ -39,19 +47,29 @@ class RegionSource(Protocol):
 
 @dataclass
 class ArraySource:
-    """Any `(H, W, C)` or `(H, W)` array-like that slices lazily: numpy, `np.memmap`, zarr, tifffile's zarr view."""
+    """Any `(H, W, C)` or `(H, W)` array-like that slices lazily: numpy, `np.memmap`, zarr, tifffile's zarr view.
+    `name`: the file it reads, named in its errors."""
 
     array: object
+    name: str | None = None
 
     def __post_init__(self):
         shape = tuple(self.array.shape)
         if len(shape) not in (2, 3):
-            raise ValueError(f"An image array must be (height, width) or (height, width, channels), got {shape}.")
+            holder = f"{self.name} holds" if self.name else "got"
+            raise ImageError(f"An image array must be (height, width) or (height, width, channels), channels last; "
+                             f"{holder} a {len(shape)}-D array of shape {shape}.")
         self.height, self.width = shape[:2]
         self.channels = shape[2] if len(shape) == 3 else 1
 
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
-        window = np.array(self.array[top : top + height, left : left + width])
+        try:
+            window = np.array(self.array[top : top + height, left : left + width])
+        except Exception as error:  # a strip or tile that does not decode, found only when it is read
+            if self.name is None:
+                raise
+            raise ImageError(f"Cannot read {self.name} at rows {top}–{top + height}, columns {left}–{left + width}:"
+                             f" {type(error).__name__}: {error}") from error
         if isinstance(self.array, np.memmap):
             _release_memmap_rows(self.array, top, top + height)
         return window[..., None] if window.ndim == 2 else window
@@ -83,7 +101,7 @@ class SlideSource:
             try:
                 import openslide as slide_library
             except ImportError as error:
-                raise ValueError(
+                raise ImageError(
                     f"{path.name} is a whole-slide image: install tiffslide (pip install xt-hf[wsi]) or openslide-python."
                 ) from error
         self.slide = slide_library.open_slide(str(path)) if hasattr(slide_library, "open_slide") else slide_library.OpenSlide(str(path))
@@ -96,17 +114,74 @@ class SlideSource:
         return np.asarray(region)[..., :3]
 
 
+def _numpy_source(path: Path) -> ArraySource:
+    """A `.npy` file, memory-mapped once its header has been checked against the file's size: numpy's own error
+    for a truncated file ("mmap length is greater than file size") names neither the file nor the problem."""
+    with open(path, "rb") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)  # 3.0 differs only in its text encoding
+            shape, _, dtype = read_header(handle)
+        except ValueError as error:
+            raise ImageError(f"{path} is not a NumPy .npy file, or its header is corrupt: {error}") from None
+        present = os.fstat(handle.fileno()).st_size - handle.tell()
+    expected = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and present < expected:
+        raise ImageError(f"{path} is truncated or corrupt: its header describes a {shape} {dtype} array of "
+                         f"{expected:,} bytes, but only {present:,} bytes follow the header.")
+    return ArraySource(np.load(path, mmap_mode="r"), name=str(path))
+
+
 def _tiff_source(path: Path) -> ArraySource:
     """Level 0 of a (Big)TIFF as a zarr view: a window read decodes only the tiles (or strips) it touches."""
     import tifffile
     import zarr
 
-    series = tifffile.TiffFile(path).series[0]
-    array = zarr.open(series.levels[0].aszarr(), mode="r")
-    axes = series.levels[0].axes
-    if axes.startswith(("C", "S")) and len(axes) == 3:  # planar (C, H, W): read lazily, then move channels last
-        return ArraySource(_ChannelsFirst(array))
-    return ArraySource(array)
+    # tifffile logs each inconsistency of a broken header as an error line of its own (and reads on);
+    # `_check_tiff_data` says what is wrong in one line instead.
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        tiff = tifffile.TiffFile(path)
+        try:
+            level_0 = tiff.series[0].levels[0]
+            _check_tiff_data(path, level_0, tiff.filehandle.size)
+        except BaseException:
+            tiff.close()
+            raise
+    finally:
+        logger.setLevel(level)
+    array = zarr.open(level_0.aszarr(), mode="r")
+    if level_0.axes.startswith(("C", "S")) and len(level_0.axes) == 3:  # planar (C, H, W): read lazily, channels last
+        return ArraySource(_ChannelsFirst(array), name=str(path))
+    return ArraySource(array, name=str(path))
+
+
+def _check_tiff_data(path: Path, level, file_size: int) -> None:
+    """A TIFF header can claim any size: fail now, naming it, where the file lists fewer strips or tiles than that
+    size needs, where they point past the file's end, or where uncompressed ones hold fewer bytes than the pixels.
+    Otherwise a forged or cut-off file fails only when its first region is decoded, with tifffile's "corrupted
+    strip cannot be reshaped", after the model has loaded."""
+    claimed = f"{' × '.join(f'{side:,}' for side in level.shape)} {level.dtype}"
+    for page in level.pages:
+        if page is None:
+            continue
+        keyframe = page.keyframe
+        needed, listed = math.prod(keyframe.chunked), len(page.dataoffsets)
+        kind = "tiles" if keyframe.is_tiled else "strips"
+        problem = None
+        if listed < needed:
+            problem = f"{needed:,} {kind}, but the file lists {listed:,}"
+        elif any(offset + count > file_size for offset, count in zip(page.dataoffsets, page.databytecounts)):
+            problem = f"{kind} that end past the end of the file ({file_size:,} bytes)"
+        elif keyframe.compression == 1 and all(page.databytecounts) and sum(page.databytecounts) < keyframe.nbytes:
+            # (a count of 0 is a sparse chunk, read as zeros, which GDAL writes for empty tiles)
+            problem = f"{keyframe.nbytes:,} bytes of uncompressed {kind}, but they hold {sum(page.databytecounts):,}"
+        if problem:
+            raise ImageError(f"{path}: the TIFF header claims {claimed} pixels in {problem}: the image data is "
+                             f"missing or the file is corrupt.")
 
 
 @dataclass
@@ -126,13 +201,17 @@ class _ChannelsFirst:
 
 
 def open_region_source(image, region_size: int | None = None) -> RegionSource:
-    """A source for an array, a zarr array, or a path (.npy, TIFF/BigTIFF, zarr directory, slide, PNG/JPEG).
+    """A source for an array, a zarr array, or a path (.npy, TIFF/BigTIFF, zarr directory, slide, PNG/JPEG); a
+    source already opened is checked against `region_size` and returned as it is.
 
-    Raises `ValueError` naming the problem: missing or unreadable file, unsupported format, an image
+    Raises `ValueError` (an `ImageError`) naming the file and the problem: missing, unreadable, truncated or
+    corrupt file, unsupported format, an array of another layout than (height, width[, channels]), an image
     smaller than one region (when `region_size` is given).
     """
     if isinstance(image, (str, Path)):
         source = _open_path(Path(image))
+    elif hasattr(image, "read") and hasattr(image, "height"):
+        source = image
     elif isinstance(image, torch.Tensor):
         raise ValueError("Pass torch tensors to the model directly; sources are for arrays and files.")
     elif hasattr(image, "shape") and hasattr(image, "__getitem__"):
@@ -140,9 +219,9 @@ def open_region_source(image, region_size: int | None = None) -> RegionSource:
     else:
         raise ValueError(f"Cannot read an image from a {type(image).__name__}.")
     if region_size is not None and (source.height < region_size or source.width < region_size):
-        raise ValueError(
-            f"The image is {source.height}×{source.width} px, smaller than one region ({region_size}×{region_size} px)."
-        )
+        image_name = getattr(source, "name", None) or "The image"
+        raise ImageError(f"{image_name} is {source.height}×{source.width} px, smaller than one region "
+                         f"({region_size}×{region_size} px).")
     return source
 
 
@@ -161,10 +240,10 @@ def _open_path(path: Path) -> RegionSource:
             if not hasattr(opened, "shape"):  # a group of arrays: which one is the image is not ours to guess
                 names = sorted(getattr(opened, "array_keys", lambda: [])())
                 example = f" (e.g. {path / names[0]})" if names else ""
-                raise ValueError(f"{path} is a zarr group, not an array: give the path of its image array{example}.")
-            return ArraySource(opened)
+                raise ImageError(f"{path} is a zarr group, not an array: give the path of its image array{example}.")
+            return ArraySource(opened, name=str(path))
         if suffix in NUMPY_SUFFIXES:
-            return ArraySource(np.load(path, mmap_mode="r"))
+            return _numpy_source(path)
         if suffix in TIFF_SUFFIXES:
             return _tiff_source(path)
         if suffix in SLIDE_SUFFIXES:
@@ -173,11 +252,11 @@ def _open_path(path: Path) -> RegionSource:
             from PIL import Image
 
             with Image.open(path) as opened:
-                return ArraySource(np.asarray(opened.convert("RGB")))
-    except ValueError:
+                return ArraySource(np.asarray(opened.convert("RGB")), name=str(path))
+    except ImageError:
         raise
-    except Exception as error:  # every reader has its own exception types for broken files
-        raise ValueError(f"Cannot read {path}: {type(error).__name__}: {error}") from error
+    except Exception as error:  # every reader has its own exception types (ValueError too) for broken files
+        raise ImageError(f"Cannot read {path}: {type(error).__name__}: {error}") from error
     supported = TIFF_SUFFIXES + SLIDE_SUFFIXES + NUMPY_SUFFIXES + PIL_SUFFIXES + (".zarr",)
     raise ValueError(f"Unsupported image format {suffix or path.name!r}; supported: {', '.join(supported)}.")
 
@@ -197,6 +276,8 @@ class RegionReader(Dataset):
         self.rows, self.cols = region_grid_shape(source.height, source.width, region_size)
         self.normalization = dict(image_mean=image_mean, image_std=image_std, rescale_factor=rescale_factor,
                                   do_rescale=do_rescale, do_normalize=do_normalize)
+        if do_rescale and rescale_factor is None:  # an int64 image fails here, not later in a DataLoader worker
+            dtype_rescale_factor(source.read(0, 0, 1, 1).dtype)
         for name in ("image_mean", "image_std"):
             values = self.normalization[name]
             count = len(values) if isinstance(values, (list, tuple)) else 1

@@ -16,6 +16,8 @@ the dataclass (`parse_dict`); what this module adds is a thin layer on top:
 
 from __future__ import annotations
 
+# Only the standard library, yaml and transformers' argument parser, never torch or a module of `xt_hf`:
+# `xt_hf_cli.train` loads this file on its own to answer `xt-hf train --help` at once.
 import argparse
 import copy
 import dataclasses
@@ -31,6 +33,9 @@ import yaml
 from transformers import HfArgumentParser
 
 TASKS = ("auto", "classification", "segmentation", "detection")
+DESCRIPTION = "Fine-tune an xT classifier or segmenter with 🤗 Accelerate: one script from a laptop CPU to many GPUs."
+EPILOG = ("Settings come from the --config file, then flags, then --set; later sources win. "
+          "docs/fine-tuning.md describes every setting.")
 
 
 @dataclass
@@ -267,6 +272,12 @@ def train_argument_parser(**kwargs) -> HfArgumentParser:
     return parser
 
 
+def train_command_parser(prog: str = "python -m xt_hf.training") -> HfArgumentParser:
+    """The parser of the `xt-hf train` command. It lives here, with the settings, because this module needs no
+    torch: `xt-hf train --help` and argument errors are answered from it alone (see `xt_hf_cli.train`)."""
+    return train_argument_parser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
+
+
 def config_from_arguments(arguments: argparse.Namespace) -> TrainConfig:
     """The config of a parsed command line: the `--config` file, then the flags given, then `--set`."""
     values: dict[str, Any] = {}
@@ -285,4 +296,4 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 __all__ = ["TASKS", "TrainConfig", "apply_overrides", "coerce_settings", "config_from_arguments", "parse_args",
-           "read_config_file", "train_argument_parser"]
+           "read_config_file", "train_argument_parser", "train_command_parser"]
