@@ -9,7 +9,11 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "original_xt"
+# Outputs of the original xT code on tiny seeded models, kept in the repository
+# (`conversion/record_original_references.py` made them; MANIFEST.json says how).
+ORIGINAL_REFERENCES = REPO_ROOT / "tests" / "data" / "original_xt"
+# A larger set made the same way, beside the project where a checkout has `../shared`: an extra, never required.
+SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "original_xt"
 
 # `conversion/` is a folder of scripts next to the package, importable from the repository root.
 if str(REPO_ROOT) not in sys.path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, REGION, REPO_ROOT, tiny_config
+from conftest import ORIGINAL_REFERENCES, REGION, REPO_ROOT, SHARED_FIXTURES, tiny_config
 from transformers import AutoModelForImageClassification
 
 from conversion.checkpoint_io import CheckpointError, load_original_state_dict
@@ -28,41 +28,34 @@ from conversion.convert_original_checkpoint import (
 from conversion.key_mapping import MappingContext, MappingReport, check_against_model, map_state_dict, rules_for
 from conversion.make_model_cards import MODELING, expected_files
 from conversion.original_config import ConfigError, read_model_config, xt_config_from_original
-from conversion.parity_fixtures import missing_fixture_action, require_fixtures, skip_or_fail
 from xt_hf import XTForImageClassification, XTImageProcessor
 
-FIXTURE_VARIANTS = sorted(p.name for p in FIXTURES.iterdir() if (p / "model.ckpt").is_file()) if FIXTURES.is_dir() else []
-MANIFESTS = sorted((FIXTURES / "manifests").glob("*.json")) if FIXTURES.is_dir() else []
+
+def reference_folders(root: Path) -> list[Path]:
+    """The variant folders (`model.ckpt`, `variant.json`, `io.safetensors`) under `root`; none if it is absent."""
+    return sorted(path.parent for path in root.glob("*/model.ckpt")) if root.is_dir() else []
 
 
-def check_parity_fixtures():
-    """Skips without the fixtures locally; fails on CI (`CI=true`), where they must be present."""
-    if not FIXTURE_VARIANTS:
-        skip_or_fail(f"parity fixtures not found at {FIXTURES}")
+# Every clone has the repository's own references; `../shared`'s larger set adds to them where a checkout has it.
+REFERENCES = [pytest.param(folder, id=f"repo-{folder.name}") for folder in reference_folders(ORIGINAL_REFERENCES)]
+REFERENCES += [pytest.param(folder, id=f"shared-{folder.name}") for folder in reference_folders(SHARED_FIXTURES)]
+# Full-size key layouts of the released checkpoints: only in `../shared` (manifests/).
+MANIFESTS = sorted((SHARED_FIXTURES / "manifests").glob("*.json"))
+NAIVE = ORIGINAL_REFERENCES / "swin-naive"  # no context encoder: the naive classification head
+HYPER = ORIGINAL_REFERENCES / "swin-hyper"  # the xl head with a HyperAttention context encoder
 
 
-@pytest.fixture
-def parity_fixtures():
-    check_parity_fixtures()
+def test_the_repository_keeps_references_for_every_head_and_region_encoder():
+    variants = {folder.name: json.loads((folder / "variant.json").read_text()) for folder in
+                reference_folders(ORIGINAL_REFERENCES)}
+    assert {"swin-naive", "swin-hyper"} <= variants.keys()
+    heads = {variant["model_config"]["cls_head"] for variant in variants.values()}
+    families = {variant["backbone"]["family"] for variant in variants.values()}
+    assert heads == {"naive", "xl"} and families == {"swinv2", "hiera"}, (heads, families)
 
 
-@pytest.fixture
-def released_manifests():
-    if not MANIFESTS:
-        skip_or_fail(f"key-layout manifests not found at {FIXTURES / 'manifests'}")
-
-
-# A fixture rather than `skipif`, so that CI fails; the placeholder parameters keep the parametrized tests
-# from becoming an empty (silently skipped) parameter set when the fixtures are missing.
-needs_fixtures = pytest.mark.usefixtures("parity_fixtures")
-VARIANT_PARAMETERS = FIXTURE_VARIANTS or ["fixtures-missing"]
-MANIFEST_PARAMETERS = MANIFESTS or [FIXTURES / "manifests" / "fixtures-missing.json"]
-
-
-@needs_fixtures
-@pytest.mark.parametrize("variant", VARIANT_PARAMETERS)
-def test_converted_checkpoint_matches_original_logits(variant):
-    folder = FIXTURES / variant
+@pytest.mark.parametrize("folder", REFERENCES)
+def test_converted_checkpoint_matches_original_logits(folder):
     model, _, report = convert_checkpoint(folder / "model.ckpt", original_config=folder / "variant.json")
     assert report.ok, report.describe()
     differences = verify(model, folder / "io.safetensors")
@@ -70,9 +63,8 @@ def test_converted_checkpoint_matches_original_logits(variant):
     assert differences["region_features"] <= 1e-4, differences
 
 
-@needs_fixtures
 def test_command_line_conversion_writes_a_loadable_repo(tmp_path):
-    folder = FIXTURES / "swin-hyper"
+    folder = HYPER
     output = tmp_path / "repo"
     code = main(["--checkpoint", str(folder / "model.ckpt"), "--original-config", str(folder / "variant.json"),
                  "--output", str(output), "--verify", str(folder / "io.safetensors")])
@@ -84,9 +76,8 @@ def test_command_line_conversion_writes_a_loadable_repo(tmp_path):
     assert verify(reloaded, folder / "io.safetensors")["logits"] <= 1e-5
 
 
-@needs_fixtures
 def test_script_runs_from_the_repository_root(tmp_path):
-    folder = FIXTURES / "swin-naive"
+    folder = NAIVE
     command = [sys.executable, "conversion/convert_original_checkpoint.py", "--checkpoint", str(folder / "model.ckpt"),
                "--original-config", str(folder / "variant.json"), "--output", str(tmp_path / "out"),
                "--verify", str(folder / "io.safetensors")]
@@ -95,8 +86,8 @@ def test_script_runs_from_the_repository_root(tmp_path):
     assert re.search(r"max \|Δ\| logits = [0-9.e-]+", result.stdout)
 
 
-@pytest.mark.usefixtures("released_manifests")
-@pytest.mark.parametrize("manifest", MANIFEST_PARAMETERS, ids=[m.stem for m in MANIFEST_PARAMETERS])
+@pytest.mark.skipif(not MANIFESTS, reason=f"the released key layouts come with ../shared: {SHARED_FIXTURES} is absent")
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=[m.stem for m in MANIFESTS])
 def test_every_released_key_layout_maps_completely(manifest):
     layout = json.loads(manifest.read_text())
     config = xt_config_from_original(layout["model_config"])
@@ -147,9 +138,8 @@ def test_corrupt_file_is_rejected(tmp_path, seed):
         load_original_state_dict(path)
 
 
-@needs_fixtures
 def test_truncated_file_is_rejected(tmp_path):
-    data = (FIXTURES / "swin-naive" / "model.ckpt").read_bytes()
+    data = (NAIVE / "model.ckpt").read_bytes()
     path = tmp_path / "truncated.ckpt"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
@@ -208,16 +198,14 @@ def _one_error_line(capsys) -> str:
     return lines[0]
 
 
-@needs_fixtures
 def test_checkpoint_of_another_variant_fails_naming_the_keys():
-    naive = FIXTURES / "swin-naive"
+    naive = NAIVE
     with pytest.raises(ConversionError, match=r"does not fit this variant:(.|\n)*missing(.|\n)*context_encoder"):
-        convert_checkpoint(naive / "model.ckpt", original_config=FIXTURES / "swin-hyper" / "variant.json")
+        convert_checkpoint(naive / "model.ckpt", original_config=HYPER / "variant.json")
 
 
-@needs_fixtures
 def test_non_empty_output_is_never_overwritten_silently(tmp_path, capsys):
-    folder = FIXTURES / "swin-naive"
+    folder = NAIVE
     output = tmp_path / "out"
     output.mkdir()
     (output / "notes.txt").write_text("the user's own file")
@@ -230,9 +218,8 @@ def test_non_empty_output_is_never_overwritten_silently(tmp_path, capsys):
     assert (output / "notes.txt").read_text() == "the user's own file"
 
 
-@needs_fixtures
 def test_label_names_must_match_the_class_count(tmp_path):
-    folder = FIXTURES / "swin-naive"
+    folder = NAIVE
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"species {i}" for i in range(10)))
     model, _, _ = convert_checkpoint(folder / "model.ckpt", original_config=folder / "variant.json", labels=names)
@@ -245,7 +232,7 @@ def test_label_names_must_match_the_class_count(tmp_path):
 # ---- non-finite weights and outputs -----------------------------------------------------------
 
 def _fixture_arguments(output, variant="swin-naive"):
-    folder = FIXTURES / variant
+    folder = ORIGINAL_REFERENCES / variant
     return ["--checkpoint", str(folder / "model.ckpt"), "--original-config", str(folder / "variant.json"),
             "--output", str(output)]
 
@@ -256,7 +243,7 @@ def _nothing_written(tmp_path, output) -> bool:
 
 
 def _altered_checkpoint(tmp_path, key, change):
-    payload = torch.load(FIXTURES / "swin-naive" / "model.ckpt", map_location="cpu", weights_only=True)
+    payload = torch.load(NAIVE / "model.ckpt", map_location="cpu", weights_only=True)
     weight = payload["state_dict"][key]
     payload["state_dict"][key] = change(weight.clone())
     path = tmp_path / "altered.ckpt"
@@ -264,7 +251,6 @@ def _altered_checkpoint(tmp_path, key, change):
     return path
 
 
-@needs_fixtures
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_non_finite_weight_fails_naming_the_tensor(tmp_path, capsys, value):
     key = "module.decoder.layers.3.weight"
@@ -272,34 +258,32 @@ def test_non_finite_weight_fails_naming_the_tensor(tmp_path, capsys, value):
     output = tmp_path / "repo"
     arguments = _fixture_arguments(output)
     arguments[1] = str(checkpoint)
-    assert main(arguments + ["--verify", str(FIXTURES / "swin-naive" / "io.safetensors")]) == 2
+    assert main(arguments + ["--verify", str(NAIVE / "io.safetensors")]) == 2
     line = _one_error_line(capsys)
     assert "non-finite weights" in line and "decoder.layers.3.weight" in line, line
     assert ("NaN" if value != value else "inf") in line
     assert _nothing_written(tmp_path, output)
     with pytest.raises(CheckpointError, match="non-finite weights: decoder.layers.3.weight"):  # also without --verify
-        convert_checkpoint(checkpoint, original_config=FIXTURES / "swin-naive" / "variant.json")
+        convert_checkpoint(checkpoint, original_config=NAIVE / "variant.json")
 
 
-@needs_fixtures
 def test_non_finite_output_fails_verification(tmp_path, capsys):
     # Finite weights whose outputs overflow float32: a max |Δ| of inf/nan must not pass as "within tolerance".
     checkpoint = _altered_checkpoint(tmp_path, "module.decoder.layers.3.weight", lambda w: w.sign() * 3e38)
     output = tmp_path / "repo"
     arguments = _fixture_arguments(output)
     arguments[1] = str(checkpoint)
-    assert main(arguments + ["--verify", str(FIXTURES / "swin-naive" / "io.safetensors")]) == 1
+    assert main(arguments + ["--verify", str(NAIVE / "io.safetensors")]) == 1
     line = _one_error_line(capsys)
     assert "outputs are not finite: logits" in line and line.endswith("nothing written"), line
     assert _nothing_written(tmp_path, output)
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", ["logits", "pixel_values", "region_features"])
 def test_non_finite_reference_is_rejected_naming_the_tensor(tmp_path, capsys, name):
     from safetensors.torch import load_file, save_file
 
-    reference = load_file(str(FIXTURES / "swin-naive" / "io.safetensors"))
+    reference = load_file(str(NAIVE / "io.safetensors"))
     reference[name].view(-1)[0] = float("nan")
     io_file = tmp_path / "io.safetensors"
     save_file(reference, str(io_file))
@@ -309,7 +293,6 @@ def test_non_finite_reference_is_rejected_naming_the_tensor(tmp_path, capsys, na
     assert _nothing_written(tmp_path, output)
 
 
-@needs_fixtures
 def test_failed_write_leaves_no_partial_repo(tmp_path, capsys, monkeypatch):
     def disk_full(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -377,7 +360,6 @@ def test_original_config_without_a_model_config_is_named(tmp_path):
         xt_config_from_original(read_model_config(tmp_path / "c.json")[0])
 
 
-@needs_fixtures
 @pytest.mark.parametrize(("flag", "kind", "message"), [
     ("--verify", "json", "is a JSON file: expected a safetensors file"),
     ("--verify", "text", "is a text file: expected a safetensors file"),
@@ -403,31 +385,6 @@ def test_command_line_names_a_file_of_the_wrong_kind(tmp_path, capsys, flag, kin
     assert _nothing_written(tmp_path, output)
 
 
-# ---- missing fixtures: skip locally, fail on CI ---------------------------------------------------------
-
-def test_missing_fixtures_skip_locally_but_fail_on_ci(tmp_path, monkeypatch):
-    absent = tmp_path / "absent" / "model.ckpt"
-    monkeypatch.delenv("CI", raising=False)
-    for environment in ({}, {"CI": "false"}, {"CI": ""}):
-        with pytest.raises(pytest.skip.Exception, match="parity fixtures not found: .*absent"):
-            require_fixtures([tmp_path, absent], environment)
-    for value in ("true", "True", "1"):
-        assert missing_fixture_action(False, {"CI": value}) == "fail"
-        with pytest.raises(pytest.fail.Exception, match="CI=true requires the parity fixtures"):
-            require_fixtures([tmp_path, absent], {"CI": value})
-        require_fixtures([tmp_path], {"CI": value})  # nothing missing: the test runs
-    assert missing_fixture_action(True, {"CI": "true"}) == "run"
-    assert missing_fixture_action(False, {}) == "skip"
-
-    # this module's own guard reads the real environment
-    monkeypatch.setattr(sys.modules[__name__], "FIXTURE_VARIANTS", [])
-    with pytest.raises(pytest.skip.Exception):
-        check_parity_fixtures()
-    monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match=re.escape(str(FIXTURES))):
-        check_parity_fixtures()
-
-
 # ---- docs/conversion.md: every block runs as written, or says it needs the user's own files ------------
 
 DOC = REPO_ROOT / "docs" / "conversion.md"
@@ -443,7 +400,6 @@ def test_conversion_doc_blocks_are_tagged_and_hold_no_placeholders():
     assert len(RUNNABLE_BLOCKS) < len(DOC_BLOCKS)  # the user's-own-files blocks each have a runnable variant
 
 
-@needs_fixtures
 @pytest.mark.parametrize(("language", "code"), RUNNABLE_BLOCKS,
                          ids=[f"{language}-{index}" for index, (language, _) in enumerate(RUNNABLE_BLOCKS)])
 def test_conversion_doc_block_runs_as_written(language, code):

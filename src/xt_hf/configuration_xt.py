@@ -1,5 +1,5 @@
 """xT configuration: one dataclass that decides every architectural choice, including each quirk
-of the released checkpoints (see `../shared/fixtures/original_xt/README.md` of the project)."""
+of the released checkpoints (the project's `docs/architecture.md` lists them)."""
 
 from __future__ import annotations
 
