@@ -17,9 +17,19 @@ variant in `VARIANTS` it
    (`{"epoch", "state_dict" with "module." keys, "optimizer_state_dict": {}, "metrics"}`),
    `variant.json` (the original `model_config`, the shrink arguments and what the original computed with
    them) and `io.safetensors` (`pixel_values`, `logits`, `region_features`),
-6. reloads the written checkpoint into a freshly built original model and asserts identical outputs,
+6. reloads the written checkpoint into a freshly built original model and asserts identical outputs.
 
-and writes `<output>/MANIFEST.json` (original commit, command, library versions, seeds, sha256 and size of
+Then, for the key-mapping tests, it writes the full-size key layout of every original config (each
+`config/**/*.yaml` of the original checkout but `base.yaml` and `paths.yaml`, plus the two combinations in
+`SYNTHESIZED_LAYOUTS` that ../shared's manifests also synthesize) to `<output>/layouts/<config name>.json.gz`:
+the config is merged by the original loader (`xt/config.py:_merge_configs`, i.e. base.yaml, paths.yaml, then
+the file, over the `ModelConfig` schema), the model is built by the original `build_model` at full size on CPU
+(the meta device fails inside Hiera and timm) with the same shims and `pretrained=False`, and the file holds
+`model_config` (the resolved model section, as `xt_config_from_original` reads it), `num_parameters` and
+`keys`: `[{"key", "shape"}]` of `nn.DataParallel(model).state_dict()` in order (the "module." keys the trainer
+saves). No weights; gzip with mtime 0, so a re-run writes the same bytes.
+
+Last it writes `<output>/MANIFEST.json` (original commit, command, library versions, seeds, sha256 and size of
 every file). The original code is imported from `--original-repo`; it is never copied into this repository.
 
 Scratch environment (outside this repository; Python 3.11, CPU only; the versions the references were made with):
@@ -42,7 +52,8 @@ Re-run from the repository root (the original checkout must not be inside the re
         --original-repo /work/scratch/xT-git --output tests/data/original_xt
     # a copy without .git (e.g. `git archive`): add --original-commit 4e79e41901298c758d2d8e551b6c8b5ea4bb4071
 
-It takes a few seconds on one CPU thread. The outputs are deterministic: a second run on the same machine
+It takes about a minute on one CPU thread (a few seconds for the variants, the rest for building the 24
+full-size models of the layouts; about 1 GB of memory for the largest). The outputs are deterministic: a second run on the same machine
 writes byte-identical files. Another CPU or library build may change the last bits of the float32 outputs (they
 are checked with atol 1e-5 / 1e-4).
 
@@ -50,15 +61,22 @@ Shims (all here, applied before the original code is imported; the original file
 
 - timm: `timm.create_model` is wrapped while a variant is built: `pretrained=False` (no download) and the
   variant's shrink kwargs (`img_size`, `window_size`, `embed_dim`, `depths`, `num_heads`[,
-  `pretrained_window_sizes`]) are added to the original builder's call.
+  `pretrained_window_sizes`]) are added to the original builder's call (a layout: `pretrained=False` only).
 - hiera: the original calls `hiera.hiera_base(...)`, which no hiera-transformer release defines
   (`AttributeError`). It is aliased to a builder that makes what `hiera_base_224` makes, shrunk
   (`hiera.Hiera(embed_dim, num_heads, stages, input_size)`), without pretrained weights. `HieraWrapper`'s
   hard-coded `hidden_size=768` is replaced by the shrunk model's real final width (the decoder is sized
   from it).
+- hiera_base_plus (the layouts only) is aliased the same way, with `hiera_base_plus_224`'s arguments. At full
+  size `HieraWrapper` keeps the original's hard-coded width (checked equal to the model's final width).
 - mamba_ssm 1.x hard-imports its CUDA extension `selective_scan_cuda`: an empty placeholder module is
   registered, and `Mamba`'s `selective_scan_fn` is pointed at mamba_ssm's own pure-PyTorch
   `selective_scan_ref`. causal_conv1d is not installed, so `Mamba.forward` takes its `nn.Conv1d` path.
+- The layouts' config loader: the original `_merge_configs` is compiled from `xt/config.py` and run as is
+  (importing `xt.config` would need the data pipeline's cv2/albumentations/pycocotools); its `OmegaConf.load`
+  drops a line that repeats an earlier line of the same YAML mapping verbatim (upstream
+  `swin_v2_large_1e-5_mamba_512_256.yaml` has `lr: 1e-5` twice, which OmegaConf refuses), recorded in the
+  layout's `config_load_issues`.
 - HyperAttention needs none: in float32 with causal attention and at most 4096 tokens the original calls
   `utils.exact_attention`, plain PyTorch. Its Triton `flash_attn_func` (fp16/bf16 only) is replaced by a
   function that raises, to prove it is never reached.
@@ -67,11 +85,16 @@ Shims (all here, applied before the original code is imported; the original file
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import copy
+import gzip
 import hashlib
 import importlib.metadata
+import io
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -113,6 +136,13 @@ SWIN_LARGE_SHRINK = dict(SWIN_SHRINK, pretrained_window_sizes=[6, 6, 6, 3])
 # unroll/reroll orders matter), pooled three times to 2x2.
 HIERA_SHRINK = {"input_size": [64, 64], "embed_dim": 4, "num_heads": 1, "stages": [2, 2, 2, 1]}
 HIERA_BASE_DEFAULTS = {"embed_dim": 96, "num_heads": 1, "stages": (2, 3, 16, 3)}  # hiera_base_224
+# The hiera builders the original calls, none of which hiera-transformer defines, with the arguments of the
+# `<name>_224` builders it does define (hiera/hiera.py). hiera_base serves the tiny variants and the layouts,
+# hiera_base_plus the layouts.
+HIERA_BUILDER_DEFAULTS = {
+    "hiera_base": HIERA_BASE_DEFAULTS,
+    "hiera_base_plus": {"embed_dim": 112, "num_heads": 2, "stages": (2, 3, 16, 3)},  # hiera_base_plus_224
+}
 REDRAW_RULES = ("one standard-normal draw N per parameter, in named_parameters order: Linear/conv weights "
                 "N/sqrt(fan_in), biases 0.1 N; LayerNorm/RMSNorm weights 1 + 0.1 N, biases 0.1 N; Swin logit_scale "
                 "log(10) + 0.2 N, q_bias/v_bias 0.1 N; cls_token 0.5 N; Hiera pos_embed 0.1 N; Mamba A_log and "
@@ -207,8 +237,8 @@ _BUILD_LOG: dict[str, Any] = {}
 
 
 @contextmanager
-def backbone_shrink(variant: Variant):
-    """While the original builders run: timm and hiera get the variant's shrink kwargs and no download."""
+def backbone_shrink(shrink: dict):
+    """While the original builders run: timm and hiera get the `shrink` kwargs (none: full size) and no download."""
     import timm
 
     original_create_model = timm.create_model
@@ -219,7 +249,7 @@ def backbone_shrink(variant: Variant):
         return original_create_model(model_name, *args, **kwargs)
 
     _ACTIVE_SHRINK.clear()
-    _ACTIVE_SHRINK.update(copy.deepcopy(variant.shrink))
+    _ACTIVE_SHRINK.update(copy.deepcopy(shrink))
     _BUILD_LOG.clear()
     timm.create_model = create_model
     try:
@@ -230,22 +260,30 @@ def backbone_shrink(variant: Variant):
 
 
 def install_hiera_shim(original_hiera: types.ModuleType) -> None:
-    """Provide the `hiera.hiera_base` the original calls, and size `HieraWrapper` from the real model."""
+    """Provide the `hiera.hiera_base[_plus]` the original calls; a shrunk `HieraWrapper` is sized from the model."""
     import hiera
 
-    def hiera_base(pretrained=False, checkpoint=None, input_size=(224, 224), **kwargs):
-        arguments = {**HIERA_BASE_DEFAULTS, "input_size": tuple(input_size), **kwargs, **_ACTIVE_SHRINK}
-        arguments = {key: tuple(value) if isinstance(value, list) else value for key, value in arguments.items()}
-        _BUILD_LOG["hiera_constructor"] = {"fn": "hiera.Hiera", "kwargs": jsonable(arguments),
-                                           "replaces": "hiera.hiera_base (= hiera_base_224), pretrained=False"}
-        return hiera.Hiera(**arguments)
+    def hiera_builder(name: str):
+        def build(pretrained=False, checkpoint=None, input_size=(224, 224), **kwargs):
+            arguments = {**HIERA_BUILDER_DEFAULTS[name], "input_size": tuple(input_size), **kwargs, **_ACTIVE_SHRINK}
+            arguments = {key: tuple(value) if isinstance(value, list) else value for key, value in arguments.items()}
+            _BUILD_LOG["hiera_constructor"] = {"fn": "hiera.Hiera", "kwargs": jsonable(arguments),
+                                               "replaces": f"hiera.{name} (= {name}_224), pretrained=False"}
+            return hiera.Hiera(**arguments)
+        return build
 
     wrapper_class = original_hiera.HieraWrapper
 
     def hiera_wrapper(model, hidden_size=768):
-        return wrapper_class(model, hidden_size=model.blocks[-1].dim_out)
+        # Shrunk: the real final width. Full size (layouts): the original's hard-coded width, checked.
+        if _ACTIVE_SHRINK:
+            hidden_size = model.blocks[-1].dim_out
+        elif hidden_size != model.blocks[-1].dim_out:
+            raise RuntimeError(f"HieraWrapper hidden_size {hidden_size} != final width {model.blocks[-1].dim_out}")
+        return wrapper_class(model, hidden_size=hidden_size)
 
-    hiera.hiera_base = hiera_base
+    for name in HIERA_BUILDER_DEFAULTS:
+        setattr(hiera, name, hiera_builder(name))
     original_hiera.HieraWrapper = hiera_wrapper
 
 
@@ -267,7 +305,7 @@ def original_model_config(original, variant: Variant):
 def build_original(original, variant: Variant, init_seed: int) -> tuple[nn.Module, dict]:
     """`build_model` of the original code, channels_last like the trainer; also what the builders were asked."""
     torch.manual_seed(init_seed)  # HyperAttention draws its LSH projections at construction
-    with backbone_shrink(variant) as build_log:
+    with backbone_shrink(variant.shrink) as build_log:
         model = original.build_model(original_model_config(original, variant))
     model = model.to(memory_format=torch.channels_last)  # as trainer._init_model does
     return model.eval(), dict(build_log)
@@ -633,6 +671,155 @@ def record_variant(original, variant: Variant, output: Path, versions: dict) -> 
             "num_parameters": sum(p.numel() for p in model.parameters()), "files": files}
 
 
+# ---- full-size key layouts of the original configs ---------------------------------------------------------
+
+LAYOUTS_FOLDER = "layouts"
+NOT_MODEL_CONFIGS = ("base.yaml", "paths.yaml")  # every config's base_configs, not configs of their own
+# Combinations with no upstream config nor released checkpoint, made from a released config the way
+# ../shared's manifests make them: they cover the hiera_base_plus xl head and a SwinV2-S Mamba context encoder.
+SYNTHESIZED_LAYOUTS = {
+    "synth_hiera_baseplus_1e-4_hyper_448_224": {
+        "config_file": "config/hiera/hiera_base_1e-4_hyper_448_224.yaml",
+        "overrides": {"model": {"backbone_class": "hiera_base_plus"}},
+        "note": "No hiera_base_plus xl config/weights exist upstream; hiera_base hyper config with backbone_class "
+                "hiera_base_plus.",
+    },
+    "synth_swin_v2_small_1e-4_mamba_512_256": {
+        "config_file": "config/swin-s/swin_v2_small_1e-4_hyper_512_256.yaml",
+        "overrides": {"model": {"context": {"hidden_size": 768, "attention_method": "mamba", "n_layer": 4,
+                                            "classification_mode": False}}},
+        "note": "No swin-s mamba config/weights exist upstream; synthesized like the swin-t/b/l mamba configs.",
+    },
+}
+
+
+def original_config_loader(original_repo: Path, load_issues: list[str]):
+    """The original `xt/config.py:_merge_configs`, compiled from its source and run unmodified.
+
+    Importing `xt.config` would import the training data pipeline (cv2, albumentations, pycocotools, ...) for its
+    `MainConfig` schema; the model section needs only `ModelConfig`, which the caller passes as the schema.
+    `OmegaConf.load` is the one thing replaced: a YAML mapping that repeats a line verbatim (an upstream config
+    has `lr: 1e-5` twice) is loaded without the repetition and the fact is appended to `load_issues`; any other
+    duplicate key still fails.
+    """
+    from omegaconf import OmegaConf
+    from yaml.constructor import ConstructorError
+
+    def load(cfg_file):
+        lines = Path(cfg_file).read_text().splitlines(keepends=True)
+        while True:
+            try:
+                return OmegaConf.load(io.StringIO("".join(lines)))
+            except ConstructorError as error:
+                if "found duplicate key" not in str(error.problem):
+                    raise
+                repeated, mapping_start = error.problem_mark.line, error.context_mark.line
+                earlier = [index for index in range(mapping_start, repeated) if lines[index] == lines[repeated]]
+                if not earlier:
+                    raise
+                load_issues.append(f"{Path(cfg_file).as_posix()}: line {repeated + 1} {lines[repeated].strip()!r} "
+                                   f"repeats line {earlier[-1] + 1} (YAML: {error.problem}); loaded without it")
+                del lines[repeated]
+
+    path = original_repo / "xt" / "config.py"
+    tree = ast.parse(path.read_text(), str(path))
+    function = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "_merge_configs")
+    namespace = {"os": os, "OmegaConf": types.SimpleNamespace(load=load, merge=OmegaConf.merge),
+                 "MainConfig": "MainConfig"}  # MainConfig: only the annotation of its argument
+    # The original's own function, from the checkout whose `xt` package this script imports anyway.
+    exec(compile(ast.Module(body=[function], type_ignores=[]), str(path), "exec"), namespace)  # noqa: S102
+    return namespace["_merge_configs"]
+
+
+def layout_sources(original_repo: Path) -> list[dict]:
+    """Every original config (`config/**/*.yaml` but its base configs) and the synthesized ones, by name."""
+    sources = [{"name": path.stem, "config_file": path.relative_to(original_repo).as_posix(),
+                "synthesized_from": None, "note": None}
+               for path in sorted((original_repo / "config").rglob("*.yaml")) if path.name not in NOT_MODEL_CONFIGS]
+    sources += [{"name": name, "config_file": None, "note": spec["note"],
+                 "synthesized_from": {"config_file": spec["config_file"], "overrides": spec["overrides"]}}
+                for name, spec in SYNTHESIZED_LAYOUTS.items()]
+    names = [source["name"] for source in sources]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"config names are not unique: {sorted(names)}")
+    return sorted(sources, key=lambda source: source["name"])
+
+
+def load_original_model_config(original, original_repo: Path, source: dict):
+    """The merged config as the original trainer sees it (base configs, schema defaults), and the load issues."""
+    from omegaconf import OmegaConf
+
+    issues: list[str] = []
+    merge_configs = original_config_loader(original_repo, issues)
+    config_file = source["config_file"] or source["synthesized_from"]["config_file"]
+    schema = OmegaConf.create({"model": OmegaConf.structured(original.ModelConfig)})
+    with contextlib.chdir(original_repo), contextlib.redirect_stdout(io.StringIO()):  # base_configs: repo-relative
+        config = merge_configs(schema, config_file)
+    if source["synthesized_from"]:
+        config = OmegaConf.merge(config, source["synthesized_from"]["overrides"])
+    return config, issues
+
+
+def layout_document(original, original_repo: Path, source: dict) -> dict:
+    """Build the ORIGINAL model of one config at full size and describe its checkpoint's state_dict keys."""
+    from omegaconf import OmegaConf
+
+    config, issues = load_original_model_config(original, original_repo, source)
+    torch.manual_seed(0)  # HyperAttention draws its LSH projections (buffers, not saved) at construction
+    # CPU, not the meta device: Hiera's drop-path schedule calls .item() and timm's SwinV2 copies computed
+    # buffers, neither of which a meta tensor allows.
+    with backbone_shrink({}) as build_log:  # full size: only pretrained=False
+        model = original.build_model(config.model, config.data.dataset)  # as trainer._init_model calls it
+    model = model.to(memory_format=torch.channels_last)
+    state_dict = nn.DataParallel(model).state_dict()  # the keys trainer._get_current_payload saves
+    assert all(key.startswith("module.") for key in state_dict)
+    return {
+        "name": source["name"],
+        "description": "Full-size key layout of the ORIGINAL xT model of an original config: the keys and shapes "
+                       "of the state_dict its trainer saves (nn.DataParallel, 'module.' prefix), in order. Made by "
+                       "conversion/record_original_references.py.",
+        "config_file": source["config_file"],
+        "synthesized": source["synthesized_from"] is not None,
+        "synthesized_from": source["synthesized_from"],
+        "note": source["note"],
+        "config_load_issues": issues,
+        "model_config": OmegaConf.to_container(config.model, resolve=True),
+        "builder_calls": jsonable(dict(build_log)),
+        "num_parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "num_keys": len(state_dict),
+        "keys": [{"key": key, "shape": list(value.shape)} for key, value in state_dict.items()],
+    }
+
+
+def write_gzipped_json(path: Path, document: dict) -> None:
+    """JSON with one line per key entry (readable through zcat), gzipped deterministically: no file name and
+    mtime 0 in the header."""
+    head = json.dumps({name: value for name, value in document.items() if name != "keys"}, indent=1)
+    entries = ",\n".join("  " + json.dumps(entry) for entry in document["keys"])
+    text = head.removesuffix("\n}") + ',\n "keys": [\n' + entries + "\n ]\n}\n"
+    assert json.loads(text) == document and list(document)[-1] == "keys"
+    data = text.encode()
+    with path.open("wb") as handle, gzip.GzipFile(filename="", mode="wb", fileobj=handle, mtime=0,
+                                                   compresslevel=9) as stream:
+        stream.write(data)
+
+
+def record_layouts(original, original_repo: Path, output: Path) -> dict:
+    """`<output>/layouts/<config name>.json.gz` for every original config; their MANIFEST entries."""
+    folder = output / LAYOUTS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for source in layout_sources(original_repo):
+        document = layout_document(original, original_repo, source)
+        path = folder / f"{source['name']}.json.gz"
+        write_gzipped_json(path, document)
+        files[path.name] = {"config_file": source["config_file"], "synthesized": document["synthesized"],
+                            "num_parameters": document["num_parameters"], "num_keys": document["num_keys"],
+                            **file_record(path)}
+        print(f"layout {source['name']}: {document['num_parameters']} parameters, {document['num_keys']} keys")
+    return files
+
+
 # ---- command line -----------------------------------------------------------------------------------------
 
 def original_commit(original_repo: Path, given: str | None) -> tuple[str, str]:
@@ -678,11 +865,13 @@ def main(argv: list[str] | None = None) -> int:
     for variant in VARIANTS:
         manifest_variants[variant.name] = record_variant(original, variant, arguments.output, versions)
         print(f"{variant.name}: {manifest_variants[variant.name]['num_parameters']} parameters, verified")
+    manifest_layouts = record_layouts(original, original_repo, arguments.output)
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
     write_json(arguments.output / "MANIFEST.json", {
         "what": "Outputs of the ORIGINAL xT code on tiny seeded models, for the parity tests.",
         "original": {"repository": arguments.original_url, "commit": commit, "commit_source": commit_source,
                      "xt_sources_sha256": source_tree_sha256(original_repo)},
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
         "environment": {**versions, "platform": platform.machine(), "torch_num_threads": 1},
         "recipe": {"regions_per_side": REGIONS_PER_SIDE, "batch": BATCH, "num_classes": NUM_CLASSES,
                    "parameters": REDRAW_RULES,
@@ -691,6 +880,17 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{str(PIXEL_STORAGE_DTYPE).removeprefix('torch.')}",
                    "model": "original build_model, channels_last, eval, float32, CPU"},
         "variants": manifest_variants,
+        "layouts": {
+            "what": "Full-size key layouts (state_dict keys and shapes, num_parameters, model_config) of the ORIGINAL "
+                    "model of every original config, for the key-mapping tests; no weights.",
+            "folder": LAYOUTS_FOLDER,
+            "command": command,
+            "recipe": "config: the original xt/config.py _merge_configs (base_configs, then the file) over the "
+                      "ModelConfig schema, resolved; synthesized ones: a config plus overrides. Model: original "
+                      "build_model(config.model, config.data.dataset) on CPU at full size, pretrained=False, "
+                      "channels_last; keys: nn.DataParallel(model).state_dict(). Gzip with mtime 0.",
+            "files": manifest_layouts,
+        },
     })
     return 0
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_FIXTURES
+from conftest import ORIGINAL_REFERENCES
 
 from xt_hf.configuration_xt import XTConfig
 from xt_hf.context_mamba import (
@@ -149,13 +150,11 @@ def test_block_parameters_carry_the_original_names_and_shapes():
 
 
 def test_released_mamba_layer_keys_load_unchanged():
-    manifest = SHARED_FIXTURES / "manifests" / "swin_v2_tiny_1e-4_mamba_512_256.json"
-    if not manifest.exists():
-        pytest.skip(f"the released key layouts come with ../shared: {manifest} is absent")
+    layout = ORIGINAL_REFERENCES / "layouts" / "swin_v2_tiny_1e-4_mamba_512_256.json.gz"  # built with the original
     prefix = "module.decoder.layers.0."
     released = {
         entry["key"].removeprefix(prefix): tuple(entry["shape"])
-        for entry in json.loads(manifest.read_text())["keys"]
+        for entry in json.loads(gzip.decompress(layout.read_bytes()))["keys"]
         if entry["key"].startswith(prefix)
     }
     block = XTMambaBlock(mamba_config(context_hidden_size=768, mamba_d_state=16, context_layer_norm_eps=1e-5), 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -21,6 +22,7 @@ from conversion.convert_original_checkpoint import (
     ConversionError,
     VerificationError,
     convert_checkpoint,
+    load_variants,
     main,
     resolve_variant,
     verify,
@@ -39,8 +41,11 @@ def reference_folders(root: Path) -> list[Path]:
 # Every clone has the repository's own references; `../shared`'s larger set adds to them where a checkout has it.
 REFERENCES = [pytest.param(folder, id=f"repo-{folder.name}") for folder in reference_folders(ORIGINAL_REFERENCES)]
 REFERENCES += [pytest.param(folder, id=f"shared-{folder.name}") for folder in reference_folders(SHARED_FIXTURES)]
-# Full-size key layouts of the released checkpoints: only in `../shared` (manifests/).
-MANIFESTS = sorted((SHARED_FIXTURES / "manifests").glob("*.json"))
+# Full-size key layouts of the released configurations, built with the original code (the repository's, gzipped),
+# and `../shared`'s manifests of the same layouts where a checkout has them.
+LAYOUTS = [pytest.param(path, id=f"repo-{path.name.removesuffix('.json.gz')}")
+           for path in sorted((ORIGINAL_REFERENCES / "layouts").glob("*.json.gz"))]
+LAYOUTS += [pytest.param(path, id=f"shared-{path.stem}") for path in sorted((SHARED_FIXTURES / "manifests").glob("*.json"))]
 NAIVE = ORIGINAL_REFERENCES / "swin-naive"  # no context encoder: the naive classification head
 HYPER = ORIGINAL_REFERENCES / "swin-hyper"  # the xl head with a HyperAttention context encoder
 
@@ -86,10 +91,9 @@ def test_script_runs_from_the_repository_root(tmp_path):
     assert re.search(r"max \|Δ\| logits = [0-9.e-]+", result.stdout)
 
 
-@pytest.mark.skipif(not MANIFESTS, reason=f"the released key layouts come with ../shared: {SHARED_FIXTURES} is absent")
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=[m.stem for m in MANIFESTS])
+@pytest.mark.parametrize("manifest", LAYOUTS)
 def test_every_released_key_layout_maps_completely(manifest):
-    layout = json.loads(manifest.read_text())
+    layout = read_layout(manifest)
     config = xt_config_from_original(layout["model_config"])
     with torch.device("meta"):  # full-size models without allocating their weights
         model = XTForImageClassification(config)
@@ -104,6 +108,17 @@ def test_every_released_key_layout_maps_completely(manifest):
                                                                             duplicated=duplicated))
     assert report.ok, report.describe()
     assert sum(p.numel() for p in model.parameters()) == layout["num_parameters"]
+
+
+def read_layout(path: Path) -> dict:
+    """A key layout: the repository's gzipped JSON, or `../shared`'s plain one."""
+    data = path.read_bytes()
+    return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
+
+
+def test_the_repository_keeps_the_layout_of_every_released_variant():
+    layouts = {path.name.removesuffix(".json.gz") for path in (ORIGINAL_REFERENCES / "layouts").glob("*.json.gz")}
+    assert set(load_variants()) <= layouts, sorted(set(load_variants()) - layouts)
 
 
 def _manifest_keys(layout):
