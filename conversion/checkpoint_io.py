@@ -8,7 +8,6 @@ import io
 import pickle
 import pickletools
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -143,6 +142,8 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"Checkpoint {path} is empty (0 bytes): download or copy it again.")
     if torch_save_format(path) is None and file_kind(path) is None:  # text, JSON, safetensors: named below
         raise CheckpointError(_not_a_checkpoint(path))
+    if file_kind(path) == "safetensors":  # named here: whether torch.load reads one depends on the torch release
+        raise CheckpointError(_safetensors_is_not_a_checkpoint(path))
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -191,6 +192,19 @@ def _not_a_checkpoint(path: Path) -> str:
             f"{path.stat().st_size:,} bytes are {describe_file(path)} starting with {head.hex(' ')}, where torch.save "
             f"writes a zip archive (50 4b 03 04) or, before PyTorch 1.6, a pickle (80 02). Pass the original xT "
             f".ckpt as --checkpoint.")
+
+
+def _safetensors_is_not_a_checkpoint(path: Path) -> str:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            names = set(file.keys())
+    except Exception:  # noqa: BLE001 - a damaged header: still a safetensors file, not a checkpoint
+        names = set()
+    if {"pixel_values", "logits"} <= names:
+        return f"{path} holds `pixel_values` and `logits`: it is a --verify file, not a checkpoint."
+    return f"{path} is {describe_file(path)}, not a PyTorch checkpoint: pass the original .ckpt as --checkpoint."
 
 
 def _unreadable(path: Path, error: BaseException) -> str:

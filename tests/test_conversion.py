@@ -20,7 +20,6 @@ from conversion.checkpoint_io import CheckpointError, load_original_state_dict
 from conversion.convert_original_checkpoint import (
     read_reference,
     ConversionError,
-    VerificationError,
     convert_checkpoint,
     load_variants,
     main,
