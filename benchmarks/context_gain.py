@@ -74,9 +74,9 @@ class Task:
 
     def score(self, model: Path, data: Path, seed: int) -> dict[str, float]:
         if self.name == "coastline":
-            from xt_hf.synthetic.coastline import evaluate_saved_model
+            from xt_hf.training.segmentation_evaluation import evaluate_saved_segmenter
 
-            report = evaluate_saved_model(str(model), str(data), "test", seed=seed, **self.generator_options)
+            report = evaluate_saved_segmenter(str(model), str(data), "test", seed=seed, **self.generator_options)
             coast_free = report["vessel_accuracy"]["region_shows_no_land"]
             return {"test_mean_iou": report["mean_iou"], "coast_free_vessel_accuracy": coast_free["accuracy"],
                     "coast_free_vessels": coast_free["vessels"]}

@@ -1,5 +1,6 @@
 """The command line's answers to bad inputs: one `error: ...` line naming the problem, exit status 2, before any
-long work (no traceback, no misleading message, no model loaded when the output cannot be written)."""
+long work (no traceback, no misleading message, no model loaded when the output cannot be written); where its
+runtime settings come from; and the ways to start it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from conftest import REGION, tiny_config
 
+from xt_hf import XTConfig
 from xt_hf_cli import main
 
 
@@ -222,10 +224,10 @@ def test_a_missing_spill_directory(command, folders, tmp_path, capsys, no_model_
 
 
 def test_a_bad_input_from_a_new_process_is_one_line_and_status_2(folders, tmp_path):
-    """The installed entry point behaves as `main` in-process: one line on stderr, no traceback, status 2."""
+    """`python -m xt_hf_cli` behaves as `main` in-process: one line on stderr, no traceback, status 2."""
     result = subprocess.run(
-        [sys.executable, "-m", "xt_hf", "segment", str(folders / "image.npy"), "--model", str(folders / "classifier"),
-         "--output", str(tmp_path / "mask.zarr"), "--device", "cpu"],
+        [sys.executable, "-m", "xt_hf_cli", "segment", str(folders / "image.npy"), "--model",
+         str(folders / "classifier"), "--output", str(tmp_path / "mask.zarr"), "--device", "cpu"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2, result.stderr[-2000:]
@@ -266,3 +268,61 @@ def test_help_and_argument_errors_answer_without_importing_torch(argv, status):
             "    print('status', exited.code, 'torch' in sys.modules, 'xt_hf' in sys.modules, file=sys.stderr)\n")
     result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
     assert result.stderr.splitlines()[-1] == f"status {status} False False", result.stderr[-1000:]
+
+
+# 6. The ways to start it.
+
+def test_python_m_xt_hf_cli_answers_help_without_importing_torch():
+    code = ("import runpy, sys\nsys.argv = ['xt_hf_cli', 'predict', '--help']\ntry:\n"
+            "    runpy.run_module('xt_hf_cli', run_name='__main__', alter_sys=True)\nexcept SystemExit as exited:\n"
+            "    print('status', exited.code, 'torch' in sys.modules, file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "--region-batch-size" in result.stdout, result.stderr[-1000:]
+    assert result.stderr.splitlines()[-1] == "status 0 False", result.stderr[-1000:]
+
+
+def test_python_m_xt_hf_still_runs_the_command_line():
+    """The older form: the library runs the installed `xt-hf` console script, without importing `xt_hf_cli` itself
+    (tests/test_layering.py)."""
+    result = subprocess.run([sys.executable, "-m", "xt_hf", "nonsense"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "invalid choice: 'nonsense'" in result.stderr, result.stderr[-1000:]
+
+
+# 7. A runtime setting that the model saves is the command's default; the command line overrides it.
+
+@pytest.fixture
+def requested_region_batch_sizes(monkeypatch):
+    """The number of regions each whole-scene run asks its region reader for at a time."""
+    from xt_hf.engine.sources import RegionReader
+
+    sizes, batches = [], RegionReader.batches
+
+    def recording(self, batch_size, *args, **kwargs):
+        sizes.append(batch_size)
+        return batches(self, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(RegionReader, "batches", recording)
+    return sizes
+
+
+@pytest.mark.parametrize("flag, expected", [((), 3), (("--region-batch-size", "2"), 2)], ids=["saved", "flag"])
+def test_region_batch_size_is_the_saved_models_unless_the_command_line_gives_one(
+        flag, expected, folders, tmp_path, capsys, requested_region_batch_sizes):
+    from xt_hf import XTForImageClassification
+
+    XTForImageClassification(tiny_config(region_batch_size=3)).save_pretrained(tmp_path / "model")
+    main(["predict", str(folders / "image.npy"), "--model", str(tmp_path / "model"), "--device", "cpu", "--json",
+          *flag])
+    assert requested_region_batch_sizes == [expected]
+
+
+@pytest.mark.parametrize("saved, given, expected", [(3, None, 3), (3, 2, 2), (None, None, XTConfig.region_batch_size)])
+def test_the_engine_streams_the_models_region_batch_size_by_default(saved, given, expected, folders,
+                                                                     requested_region_batch_sizes):
+    """A config of None (all regions at once, in memory) streams the config class's default instead."""
+    from xt_hf import XTForImageClassification
+    from xt_hf.engine import predict_streaming
+
+    model = XTForImageClassification(tiny_config(region_batch_size=saved)).eval()
+    predict_streaming(model, folders / "image.npy", region_batch_size=given)
+    assert requested_region_batch_sizes == [expected]

@@ -256,8 +256,9 @@ def test_script_trains_a_segmenter_and_keeps_the_best_by_mean_iou(coastline_data
                                                                    fresh_accelerate_state):
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-    from xt_hf.synthetic.coastline import evaluate_saved_model, generate_sample, sample_rng
+    from xt_hf.synthetic.coastline import generate_sample, sample_rng
     from xt_hf.training.command import main
+    from xt_hf.training.segmentation_evaluation import evaluate_saved_segmenter
 
     output_dir = tmp_path / "run"
     metrics = main(script_arguments(coastline_data, segmenter_config_file, output_dir, max_steps=12, eval_steps=4,
@@ -275,7 +276,7 @@ def test_script_trains_a_segmenter_and_keeps_the_best_by_mean_iou(coastline_data
     saved = json.loads((best / "eval_results.json").read_text())
     assert saved["eval/mean_iou"] == metrics["best/mean_iou"]
     # The saved model is the one that scored best: evaluating it again on the validation split gives that score.
-    again = evaluate_saved_model(str(best), str(coastline_data), "validation", seed=0, **COAST)
+    again = evaluate_saved_segmenter(str(best), str(coastline_data), "validation", seed=0, **COAST)
     assert again["mean_iou"] == pytest.approx(saved["eval/mean_iou"], abs=1e-5)
     vessels = sum(len(generate_sample(sample_rng(0, "validation", i), **COAST).vessels) for i in range(4))
     assert sum(group["vessels"] for group in again["vessel_accuracy"].values()) == vessels

@@ -53,10 +53,11 @@ class XTConfig(PreTrainedConfig):
             `scaled_dot_product_attention` call per block, same weights, outputs within float rounding) or
             `"eager"` (transformers' own modules, the reference). Other backbones ignore it.
         region_batch_size (`int`, *optional*, defaults to 16):
-            Encode at most this many regions at a time. Bounds peak memory; never changes outputs.
-            `None` encodes all regions of the batch at once. Measured (`benchmarks/region_encoder.py`,
-            docs/performance.md): the default cuts peak memory of a 2,048² Swin-v2-T xT forward to about a
-            quarter of all-at-once, in the same time.
+            Encode (and decode) at most this many regions at a time. Bounds peak memory; never changes outputs.
+            `None` encodes all regions of the batch at once. It is also the default of the engine
+            (`xt_hf.engine`) and of `xt-hf`'s `--region-batch-size`, so a model saved with another value streams
+            with it; as streaming never holds a whole scene, a `None` here streams 16 at a time. Memory and time
+            against all at once: docs/performance.md.
         grad_ratio (`float`, defaults to 1.0):
             While training, the fraction of regions (in their original order) that keep gradients; the
             rest run under `no_grad`. Saves memory on very large images.
@@ -72,13 +73,12 @@ class XTConfig(PreTrainedConfig):
         context_mlp_ratio (`float`, defaults to 4.0):
             Width of the gated MLP of attention blocks relative to `context_hidden_size`.
         context_token_chunk_size (`int`, defaults to 2048):
-            Without gradients, the context encoder embeds and runs its per-token layers (norm, q/k/v
-            projection, gated MLP) over this many tokens at a time, and a longer sequence runs attention one head
-            at a time, updating the tokens in place, so that no widened or normalised copy of all tokens exists.
-            Outputs are unchanged (up to float summation order inside matrix products). Measured
-            (`benchmarks/context_memory.py`, docs/gigapixel.md, 65,536 tokens of the released 768-wide encoder):
-            peak growth 4.66 GB with everything at once, 1.05 GB (1,002 MiB) with chunks of 16,384 tokens,
-            0.74 GB (708 MiB) with 2,048, in the same time.
+            Read by the engine only (`xt_hf.engine.context`, which runs the `xt-hf` commands and the streaming
+            functions); the model's forward does not use it. The engine embeds tokens and runs the blocks'
+            per-token layers (norm, q/k/v projection, gated MLP) this many tokens at a time, and runs a longer
+            sequence's attention one head at a time, updating the tokens in place, so that no widened or
+            normalised copy of all tokens exists. Outputs are unchanged (up to float summation order inside matrix
+            products). Memory against all tokens at once: docs/gigapixel.md ("Memory knobs").
         context_attention_causal (`bool`, defaults to `True`):
             Causal self-attention over the token sequence. *(released "hyper": True; "naive": False.)*
         context_attention_scale (`float`, *optional*):

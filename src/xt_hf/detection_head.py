@@ -14,7 +14,8 @@ A region's dense maps `(n, num_labels + 4, R/s, R/s)` (`s = decoder_output_strid
 and `merge_region_detections` shifts the regions' boxes onto the image and merges them with class-wise NMS. The
 in-memory model and a region-by-region (streaming) engine call the same two functions, so they agree exactly.
 
-Shipped as Hub remote code with the model: torch, and torchvision (guarded) for NMS.
+Shipped as Hub remote code with the model: torch, and torchvision (guarded: only detection needs it) for the box
+operations: `box_convert`, `clip_boxes_to_image` and `batched_nms`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    from torchvision.ops import batched_nms as _batched_nms
+    from torchvision.ops import batched_nms, box_convert, clip_boxes_to_image
 except ImportError:  # torchvision is optional for the rest of the model
-    _batched_nms = None
+    batched_nms = box_convert = clip_boxes_to_image = None
 
 HEATMAP_PRIOR = 0.1  # CenterNet: the heatmap bias starts at -log((1 - 0.1) / 0.1) ≈ -2.19
 HEATMAP_BIAS_INIT = -math.log((1 - HEATMAP_PRIOR) / HEATMAP_PRIOR)
@@ -67,10 +68,10 @@ class XTRegionClassPrior(nn.Linear):
     """A region's deepest fused tokens → one logit per class, added to every heatmap cell of the region.
 
     Why: a small object's class can depend on the scene rather than on its own pixels, and the U-Net reaches the
-    heatmap from the tokens it fuses at its deepest stage only through every decoder block. On the beacon task the
-    context tokens already told the classes apart (region presence loss 0.000 on validation) while the heatmap
-    stayed at chance for 1,000 more steps. A linear map from those same tokens (context-encoded, or the region
-    encoder's own without a context encoder) straight to the class logits gives that information a one-layer path.
+    heatmap from the tokens it fuses at its deepest stage only through every decoder block, so the context tokens
+    can tell the classes apart long before the heatmap does (docs/detection.md has the runs). A linear map from
+    those same tokens (context-encoded, or the region encoder's own without a context encoder) straight to the
+    class logits gives that information a one-layer path.
     It is zero-initialised (`XTPreTrainedModel._init_weights`), so a new detector starts as the plain CenterNet head,
     and it keeps a region's maps a function of its own pixels and context tokens.
     """
@@ -79,6 +80,11 @@ class XTRegionClassPrior(nn.Linear):
         """Heatmap logits `(n, num_labels, h, w)` plus the prior of the regions' tokens `(n, D, h', w')`."""
         prior = F.linear(tokens.mean(dim=(-2, -1)).to(self.weight.dtype), self.weight, self.bias)
         return heatmap_logits + prior.to(heatmap_logits.dtype)[:, :, None, None]
+
+
+def _require_torchvision(task: str) -> None:
+    if batched_nms is None:
+        raise ImportError(f"{task} needs torchvision (torchvision.ops): pip install torchvision.")
 
 
 def detections_from_dense_maps(
@@ -101,6 +107,7 @@ def detections_from_dense_maps(
     """
     if maps.dim() != 4 or maps.shape[1] < 5:
         raise ValueError(f"maps must be (n, num_labels + 4, h, w) with num_labels ≥ 1, got {tuple(maps.shape)}.")
+    _require_torchvision("Reading boxes from the dense maps")
     maps = maps.detach().float()
     num_labels, height, width = maps.shape[1] - 4, maps.shape[2], maps.shape[3]
     scores = maps[:, :num_labels].sigmoid()
@@ -118,8 +125,7 @@ def detections_from_dense_maps(
         size = maps[region, num_labels : num_labels + 2].flatten(1)[:, cell].clamp(min=0)
         offset = maps[region, num_labels + 2 : num_labels + 4].flatten(1)[:, cell]
         centre_x, centre_y = col.to(maps.dtype) + offset[0], row.to(maps.dtype) + offset[1]
-        boxes = torch.stack([centre_x - size[0] / 2, centre_y - size[1] / 2,
-                             centre_x + size[0] / 2, centre_y + size[1] / 2], dim=-1) * stride
+        boxes = box_convert(torch.stack([centre_x, centre_y, size[0], size[1]], dim=-1), "cxcywh", "xyxy") * stride
         detections.append({"scores": region_scores, "labels": labels, "boxes": boxes})
     return detections
 
@@ -154,17 +160,14 @@ def merge_region_detections(
     boxes = torch.cat([d["boxes"].to(device) for d in region_detections]) + shifts.to(device)
     scores = torch.cat([d["scores"].to(device) for d in region_detections])
     labels = torch.cat([d["labels"].to(device) for d in region_detections])
+    _require_torchvision("Merging detections across regions")
     if image_size is not None:
         height, width = image_size
         centre_x, centre_y = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
         inside = (centre_x >= 0) & (centre_x < width) & (centre_y >= 0) & (centre_y < height)
-        boxes, scores, labels = boxes[inside], scores[inside], labels[inside]
-        boxes = torch.stack([boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
-                             boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], dim=-1)
-    if _batched_nms is None:
-        raise ImportError("Merging detections across regions needs torchvision (torchvision.ops.batched_nms): "
-                          "pip install torchvision.")
-    keep = _batched_nms(boxes.float(), scores.float(), labels, iou_threshold)[:max_detections]
+        boxes = clip_boxes_to_image(boxes[inside], (height, width))
+        scores, labels = scores[inside], labels[inside]
+    keep = batched_nms(boxes.float(), scores.float(), labels, iou_threshold)[:max_detections]
     return {"scores": scores[keep], "labels": labels[keep], "boxes": boxes[keep]}
 
 

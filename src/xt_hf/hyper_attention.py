@@ -45,7 +45,7 @@ Differences from the original implementation (`xt/models/context_encoders/hyper_
 * Every piece (exact leaves, sorted blocks, sampled residual) and its log-sum-exp comes from a plain
   PyTorch softmax in float32, with gradients through the log-sum-exp (the original's Triton path
   detaches it). Inference in chunks (`in_chunks=True`, the engine's path) computes the same pieces with
-  PyTorch's own fused CPU flash-attention kernel instead, 2-5× faster.
+  PyTorch's own fused CPU flash-attention kernel instead, which is faster (docs/hyper_attention.md).
 """
 
 from __future__ import annotations
@@ -500,7 +500,7 @@ def _attention_with_lse(query, key, value, *, scale: float, causal: bool = False
     with every key hidden gets a log-sum-exp near `finfo.min`, so that merging ignores it. With `causal`,
     query i sees keys 0..i. The plain path takes `query_chunk` queries at a time to bound the score matrix.
     With `fused` (inference in chunks only) PyTorch's fused CPU flash-attention kernel computes the same
-    thing 2-5× faster; its log-sum-exp has no gradient, and merging pieces under autograd needs one.
+    thing faster; its log-sum-exp has no gradient, and merging pieces under autograd needs one.
     """
     if fused and _FUSED_CPU_ATTENTION_WITH_LSE is not None and query.device.type == "cpu":
         # The kernel takes an additive bias, as large as the mask; a mask with a row per query (the sampled

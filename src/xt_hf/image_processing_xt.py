@@ -5,7 +5,8 @@ backend (transformers' default when torchvision is installed), with the same out
 definition of the pixel arithmetic both use, public so that streaming readers can apply it to windows of an image.
 
 Shipped as Hub remote code next to the model files: imports only NumPy, Pillow, transformers and the standard
-library (torch only inside functions, for tensor inputs).
+library (torch only inside functions, for tensor inputs; torchvision's box operations only inside
+`post_process_object_detection`).
 """
 
 import shutil
@@ -449,11 +450,42 @@ class XTImageProcessorMixin:
             )
         return rescale_factor
 
-    def _padded_size(self, images: list, region_size: int) -> SizeDict:
-        """The whole-region size every image of the batch is padded to, so that the batch stacks."""
-        height = max(-(-image.shape[-2] // region_size) for image in images) * region_size
-        width = max(-(-image.shape[-1] // region_size) for image in images) * region_size
-        return SizeDict(height=height, width=width)
+    def _preprocess(
+        self,
+        images: list,
+        region_size: int,
+        do_resize: bool,
+        size: SizeDict | None,
+        resample: PILImageResampling | int | None,
+        do_rescale: bool,
+        rescale_factor: float | None,
+        do_normalize: bool,
+        image_mean: float | tuple[float, ...],
+        image_std: float | tuple[float, ...],
+        do_pad: bool,
+        pad_value: float,
+        num_channels: int,
+        return_tensors: str | TensorType | None,
+        **kwargs,
+    ) -> BatchFeature:
+        """`(channels, height_i, width_i)` images -> `pixel_values` `(batch, channels, H, W)`, see `preprocess`: both
+        backends' steps, each backend's own `resize` and `pad`."""
+        processed = self._normalized_images(
+            images, region_size=region_size, do_resize=do_resize, size=size, resample=resample, do_rescale=do_rescale,
+            rescale_factor=rescale_factor, do_normalize=do_normalize, image_mean=image_mean, image_std=image_std,
+            num_channels=num_channels,
+        )
+        if do_pad:
+            height, width = padded_frame([image.shape[-2:] for image in processed], region_size)
+            # One image at a time (no grouping by shape): the torchvision backend would stack a copy of the batch.
+            processed = self.pad(processed, pad_size=SizeDict(height=height, width=width), fill_value=pad_value,
+                                 disable_grouping=True)
+        else:
+            _check_stackable(processed, return_tensors)
+        return self._batch_feature(processed, return_tensors)
+
+    def _batch_feature(self, processed: list, return_tensors: str | TensorType | None) -> BatchFeature:
+        return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
 
     def post_process_semantic_segmentation(
         self,
@@ -496,8 +528,7 @@ class XTImageProcessorMixin:
                 for height, width in sizes
             ]
             # The batch was padded to its largest whole-region height; the logits' stride follows from that.
-            region = self.region_size
-            batch_height = max(-(-h // region) * region if self.do_pad else h for h, _ in processed)
+            batch_height, _ = padded_frame(processed, self.region_size if self.do_pad else 1)
             stride = max(1, round(batch_height / logits.shape[-2]))
             scores = []
             for image_logits, (height, width), (processed_height, processed_width) in zip(logits, sizes, processed):
@@ -544,7 +575,7 @@ class XTImageProcessorMixin:
             `list[dict]`, one per image: `scores` `(k,)`, `labels` `(k,)`, `boxes` `(k, 4)` absolute
             `(x1, y1, x2, y2)`, by decreasing score.
         """
-        import torch
+        from torchvision.ops import box_convert, clip_boxes_to_image
 
         logits = outputs.logits if hasattr(outputs, "logits") else outputs["logits"]
         pred_boxes = outputs.pred_boxes if hasattr(outputs, "pred_boxes") else outputs["pred_boxes"]
@@ -560,10 +591,7 @@ class XTImageProcessorMixin:
             processed = [_resized_size(h, w, self.region_size, resize_to) if self.do_resize else (h, w)
                          for h, w in sizes]
             if frames is None:  # the batch was padded to its largest whole-region size
-                region = self.region_size
-                frame = (max(-(-h // region) * region if self.do_pad else h for h, _ in processed),
-                         max(-(-w // region) * region if self.do_pad else w for _, w in processed))
-                frames = [frame] * len(sizes)
+                frames = [padded_frame(processed, self.region_size if self.do_pad else 1)] * len(sizes)
         elif frames is None:
             raise ValueError("post_process_object_detection needs target_sizes, or outputs with image_sizes (the "
                              "pixel_values' (height, width) that XTForObjectDetection returns).")
@@ -574,17 +602,14 @@ class XTImageProcessorMixin:
             order = scores.argsort(descending=True, stable=True)
             order = order[scores[order] > threshold][:top_k]
             frame_height, frame_width = frames[index]
-            boxes = image_boxes[order].float()
-            boxes = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], dim=-1)
+            boxes = box_convert(image_boxes[order].float(), "cxcywh", "xyxy")
             boxes = boxes * boxes.new_tensor([frame_width, frame_height, frame_width, frame_height])
             if target_sizes is not None:
                 (height, width), (processed_height, processed_width) = sizes[index], processed[index]
                 boxes = boxes * boxes.new_tensor([width / processed_width, height / processed_height] * 2)
                 centre_x, centre_y = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
                 inside = (centre_x >= 0) & (centre_x < width) & (centre_y >= 0) & (centre_y < height)
-                order, boxes = order[inside], boxes[inside]
-                boxes = torch.stack([boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
-                                     boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], dim=-1)
+                order, boxes = order[inside], clip_boxes_to_image(boxes[inside], (height, width))
             results.append({"scores": scores[order], "labels": labels[order], "boxes": boxes})
         return results
 
@@ -637,36 +662,6 @@ class XTImageProcessor(XTImageProcessorMixin, PilBackend):
         """
         resample = PILImageResampling.BILINEAR if resample is None else resample
         return resize_channels_with_pil(image, size.height, size.width, resample)
-
-    def _preprocess(
-        self,
-        images: list[np.ndarray],
-        region_size: int,
-        do_resize: bool,
-        size: SizeDict | None,
-        resample: PILImageResampling | int | None,
-        do_rescale: bool,
-        rescale_factor: float | None,
-        do_normalize: bool,
-        image_mean: float | tuple[float, ...],
-        image_std: float | tuple[float, ...],
-        do_pad: bool,
-        pad_value: float,
-        num_channels: int,
-        return_tensors: str | TensorType | None,
-        **kwargs,
-    ) -> BatchFeature:
-        """`(channels, height_i, width_i)` arrays -> `pixel_values` `(batch, channels, H, W)`, see `preprocess`."""
-        processed = self._normalized_images(
-            images, region_size=region_size, do_resize=do_resize, size=size, resample=resample, do_rescale=do_rescale,
-            rescale_factor=rescale_factor, do_normalize=do_normalize, image_mean=image_mean, image_std=image_std,
-            num_channels=num_channels,
-        )
-        if do_pad:
-            processed = self.pad(processed, pad_size=self._padded_size(processed, region_size), fill_value=pad_value)
-        else:
-            _check_stackable(processed, return_tensors)
-        return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
 
 
 def channels_first_array(image, do_convert_rgb: bool | None, input_data_format, num_channels: int) -> np.ndarray:
@@ -811,6 +806,14 @@ def _check_stackable(images: list, return_tensors) -> None:
             f"Images of sizes {sorted(shape[1:] for shape in shapes)} cannot be stacked into one tensor with "
             f"do_pad=False: set do_pad=True, or do_resize=True with a fixed size."
         )
+
+
+def padded_frame(sizes, region_size: int) -> tuple[int, int]:
+    """The `(height, width)` a batch of images of `sizes` (`(height, width)` each) is padded to, so that it stacks:
+    the largest height and the largest width, each rounded up to whole regions (`region_size=1`: not rounded, as
+    without `do_pad`)."""
+    return (max(-(-int(height) // region_size) for height, _ in sizes) * region_size,
+            max(-(-int(width) // region_size) for _, width in sizes) * region_size)
 
 
 def _resized_size(height: int, width: int, region_size: int, size: SizeDict | None) -> tuple[int, int]:

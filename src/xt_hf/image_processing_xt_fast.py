@@ -14,7 +14,6 @@ from transformers.utils import TensorType, is_torchvision_available
 
 from .image_processing_xt import (
     XTImageProcessorMixin,
-    _check_stackable,
     _to_channels_first,
     channels_first_array,
     resize_channels_with_pil,
@@ -73,48 +72,12 @@ class XTImageProcessorFast(XTImageProcessorMixin, TorchvisionBackend):
                              antialias=True)
         return resized.to(torch.float32)
 
-    def _preprocess(
-        self,
-        images: list[torch.Tensor],
-        region_size: int,
-        do_resize: bool,
-        size: SizeDict | None,
-        resample: PILImageResampling | int | None,
-        do_rescale: bool,
-        rescale_factor: float | None,
-        do_normalize: bool,
-        image_mean: float | tuple[float, ...],
-        image_std: float | tuple[float, ...],
-        do_pad: bool,
-        pad_value: float,
-        num_channels: int,
-        return_tensors: str | TensorType | None,
-        **kwargs,
-    ) -> BatchFeature:
-        """`(channels, height_i, width_i)` tensors -> `pixel_values` `(batch, channels, H, W)`, see `preprocess`."""
-        processed = self._normalized_images(
-            images, region_size=region_size, do_resize=do_resize, size=size, resample=resample, do_rescale=do_rescale,
-            rescale_factor=rescale_factor, do_normalize=do_normalize, image_mean=image_mean, image_std=image_std,
-            num_channels=num_channels,
-        )
-        if do_pad:
-            pad_size = self._padded_size(processed, region_size)
-            processed = [_pad_bottom_right(image, pad_size, pad_value) for image in processed]
-        else:
-            _check_stackable(processed, return_tensors)
+    def _batch_feature(self, processed: list[torch.Tensor], return_tensors: str | TensorType | None) -> BatchFeature:
         if return_tensors is not None and str(return_tensors) in ("pt", str(TensorType.PYTORCH)):
             return BatchFeature(data={"pixel_values": torch.stack(processed)}, tensor_type=return_tensors)
         if return_tensors is not None:
             processed = [image.cpu().numpy() for image in processed]
         return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
-
-
-def _pad_bottom_right(image: torch.Tensor, size: SizeDict, value: float) -> torch.Tensor:
-    """`(channels, h, w)` -> `(channels, size.height, size.width)`, the new pixels `value`."""
-    bottom, right = size.height - image.shape[-2], size.width - image.shape[-1]
-    if not (bottom or right):
-        return image
-    return torch.nn.functional.pad(image, (0, right, 0, bottom), mode="constant", value=float(value))
 
 
 __all__ = ["XTImageProcessorFast"]

@@ -19,6 +19,7 @@ from .detection_head import (
     XTCenterNetHead,
     XTHeatmapLogits,
     XTRegionClassPrior,
+    box_convert,
     centernet_loss,
     check_detection_labels,
     detections_from_dense_maps,
@@ -480,8 +481,8 @@ class XTRegionDecoderModel(XTPreTrainedModel):
 
     def cropped(self, maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Stitched output maps without the rows and columns that cover only the padding of a `height × width` input."""
-        stride = self.config.decoder_output_stride
-        return maps[..., : -(-height // stride), : -(-width // stride)]
+        rows, cols = region_grid_shape(height, width, self.config.decoder_output_stride)
+        return maps[..., :rows, :cols]
 
 
 @auto_docstring
@@ -765,11 +766,9 @@ class XTForObjectDetection(XTRegionDecoderModel):
         scale = torch.tensor([width, height, width, height], device=like.device, dtype=torch.float32)
         for image, found in enumerate(detections):
             count = len(found["scores"])
-            boxes = found["boxes"].float()
-            centre = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], dim=-1)
             rows = torch.arange(count, device=like.device)
             logits[image, rows, found["labels"]] = torch.logit(found["scores"].float())
-            pred_boxes[image, :count] = centre / scale
+            pred_boxes[image, :count] = box_convert(found["boxes"].float(), "xyxy", "cxcywh") / scale
         return logits, pred_boxes
 
 

@@ -16,14 +16,15 @@ import torch.nn.functional as F
 
 
 def region_grid_shape(height: int, width: int, region_size: int) -> tuple[int, int]:
-    """Rows and columns of regions needed to cover a `height × width` image (the last ones padded)."""
+    """Rows and columns of `region_size` squares needed to cover a `height × width` image (the last ones padded);
+    with a stride for `region_size`, the size of a map at `1 / stride` of the image's resolution."""
     return -(-height // region_size), -(-width // region_size)
 
 
-def pad_to_region_multiple(pixel_values: torch.Tensor, region_size: int) -> torch.Tensor:
-    """Zero-pad `(batch, C, H, W)` at the bottom and right to whole regions.
+def pad_to_region_multiple(pixel_values: torch.Tensor, region_size: int, value: float = 0.0) -> torch.Tensor:
+    """Pad `(..., H, W)` at the bottom and right with `value` to whole regions (returned as it is when it has them).
 
-    Zero is the mean colour after ImageNet normalisation, so the padding reads as a neutral border;
+    The default zero is the mean colour after ImageNet normalisation, so the padding reads as a neutral border;
     the original code accepted only exact multiples and did no padding.
     """
     height, width = pixel_values.shape[-2:]
@@ -31,7 +32,7 @@ def pad_to_region_multiple(pixel_values: torch.Tensor, region_size: int) -> torc
     pad_bottom, pad_right = rows * region_size - height, cols * region_size - width
     if pad_bottom == 0 and pad_right == 0:
         return pixel_values
-    return F.pad(pixel_values, (0, pad_right, 0, pad_bottom))
+    return F.pad(pixel_values, (0, pad_right, 0, pad_bottom), value=value)
 
 
 def as_region_grid(grid: torch.Tensor, region_height: int, region_width: int) -> torch.Tensor:
@@ -99,5 +100,5 @@ def region_batches(
 
 def new_stitched_grids(feature_maps: tuple[torch.Tensor, ...], batch: int, rows: int, cols: int) -> list[torch.Tensor]:
     """Uninitialised `(batch, C_s, rows·h_s, cols·w_s)` grids shaped after one batch of regions' `(n, C_s, h_s, w_s)`
-    maps, for `RegionIndex.scatter` to fill."""
+    maps, for `stitch_regions` to fill."""
     return [f.new_empty(batch, f.shape[1], rows * f.shape[2], cols * f.shape[3]) for f in feature_maps]

@@ -101,7 +101,7 @@ class XTRegionEncoder(nn.Module):
 
         transformers 5.23's `HieraBackbone.forward` hands the patch embeddings to the encoder without
         `unroll`-ing them into mask-unit order, so its feature maps differ from `HieraModel`'s and from
-        the original Hiera's (measured max |Δ| ≈ 2.7 on the fixture). This path adds the missing step.
+        the original Hiera's (docs/architecture.md). This path adds the missing step.
         """
         backbone = self.backbone
         embeddings, _, _ = backbone.embeddings(regions)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .nested_tokenization import pad_to_region_multiple, region_grid_shape
+
 
 class XTRegionPresenceHead(nn.Module):
     """Mean of a region's deepest tokens → one logit per class: does the class occur in the region?"""
@@ -33,9 +35,9 @@ def presence_from_masks(labels: torch.Tensor, num_labels: int, region_size: int,
     """Pixel labels `(batch, H, W)` → `(batch, rows, cols, num_labels)` 0/1: which classes each region holds
     (ignored pixels and the padding to whole regions count as nothing)."""
     batch, height, width = labels.shape
-    rows, cols = -(-height // region_size), -(-width // region_size)
+    rows, cols = region_grid_shape(height, width, region_size)
     labels = labels.long().masked_fill(labels == ignore_index, num_labels)  # one spare class for "nothing"
-    labels = F.pad(labels, (0, cols * region_size - width, 0, rows * region_size - height), value=num_labels)
+    labels = pad_to_region_multiple(labels, region_size, value=num_labels)
     one_hot = F.one_hot(labels, num_labels + 1)[..., :num_labels]
     one_hot = one_hot.view(batch, rows, region_size, cols, region_size, num_labels)
     return one_hot.amax(dim=(2, 4)).float()
@@ -47,7 +49,7 @@ def presence_from_boxes(
     """Checked detection labels (normalised `cx, cy, w, h` relative to `image_size`) → `(batch, rows, cols,
     num_labels)` 0/1: the classes of the objects whose centre lies in each region."""
     height, width = image_size
-    rows, cols = -(-height // region_size), -(-width // region_size)
+    rows, cols = region_grid_shape(height, width, region_size)
     presence = torch.zeros(len(targets), rows, cols, num_labels, device=targets[0]["boxes"].device if targets else None)
     for image, target in enumerate(targets):
         boxes = target["boxes"]

@@ -19,7 +19,7 @@ class XTDecoderBlock(nn.Module):
 
     Every group spans at least 16 channels (at most 8 groups). With one context token per region the fusing
     block sees a 1 × 1 map, and a group of 2 channels normalises every region to the same ±1 pattern: the
-    context and the deepest features were thrown away there (measured on the coastline task).
+    context and the deepest features were thrown away there (docs/segmentation.md, the coastline task).
     """
 
     def __init__(self, in_channels: int, out_channels: int):

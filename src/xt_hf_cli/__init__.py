@@ -1,4 +1,4 @@
-"""The `xt-hf` command line (also `python -m xt_hf`). Each command lives in its own module.
+"""The `xt-hf` command line (also `python -m xt_hf_cli`). Each command lives in its own module.
 
     xt-hf demo                    the packaged demo model on a generated large image
     xt-hf predict IMAGE --model   classify any supported large-image source, streaming its regions
@@ -36,6 +36,3 @@ def main(argv: list[str] | None = None) -> None:
     arguments = parser.parse_args(argv)
     arguments.run(arguments)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

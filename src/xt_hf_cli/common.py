@@ -33,7 +33,8 @@ def non_negative_int(text: str) -> int:
 
 def add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every whole-scene command shares: batching, reading, device, precision, spilling."""
-    parser.add_argument("--region-batch-size", type=positive_int, default=16)
+    parser.add_argument("--region-batch-size", type=positive_int, metavar="N",
+                        help="regions encoded at a time (default: the model's saved config.region_batch_size)")
     parser.add_argument("--num-workers", type=non_negative_int, default=0, help="background processes reading regions")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -48,7 +48,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=non_negative_int, default=0, help="which held-out sample to generate (default 0)")
     parser.add_argument("--size", type=positive_int, default=1024,
                         help="side of the generated image in px (trained on 1024; at least one region)")
-    parser.add_argument("--region-batch-size", type=positive_int, default=16, help="regions encoded at a time")
+    parser.add_argument("--region-batch-size", type=positive_int, metavar="N",
+                        help="regions encoded at a time (default: the demo model's config.region_batch_size)")
     parser.set_defaults(run=run)
 
 
@@ -60,7 +61,8 @@ def run(arguments: argparse.Namespace) -> dict:
     model, processor = load_demo_model()
     if not arguments.image and arguments.size < model.config.region_size:
         fail(f"--size {arguments.size}: the demo image must be at least one region ({model.config.region_size} px)")
-    model.config.region_batch_size = arguments.region_batch_size
+    if arguments.region_batch_size is not None:
+        model.config.region_batch_size = arguments.region_batch_size
     if arguments.image:
         from PIL import Image
 

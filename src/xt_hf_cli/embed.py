@@ -9,7 +9,6 @@ the context-encoded token grid of each image is also written, as `DIR/<input nam
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from .common import (add_inputs_argument, add_overwrite_argument, add_streaming_arguments, fail, is_table, run_many,
@@ -49,6 +48,7 @@ def run(arguments: argparse.Namespace) -> None:
 
         from xt_hf.engine import encode_context_streaming
         from xt_hf.engine.batch import output_names
+        from xt_hf.engine.writers import atomic_write
 
         names = output_names(images, ".safetensors")
 
@@ -59,9 +59,8 @@ def run(arguments: argparse.Namespace) -> None:
             if folder is not None:
                 tokens = output.last_hidden_state[0].float().cpu().reshape(rows, cols, -1).contiguous()
                 target = folder / names[image]
-                partial = folder / f".{target.stem}.{os.getpid()}.partial.safetensors"
-                save_file({"tokens": tokens}, str(partial), metadata={"path": str(image)})
-                os.replace(partial, target)
+                with atomic_write(target) as partial:
+                    save_file({"tokens": tokens}, str(partial), metadata={"path": str(image)})
                 row["tokens"] = str(target)
             return row
 

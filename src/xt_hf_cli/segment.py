@@ -7,9 +7,7 @@ size, seconds, error); resumable, shared between processes under `accelerate lau
 from __future__ import annotations
 
 import argparse
-import os
 import resource
-import shutil
 import time
 from pathlib import Path
 
@@ -59,6 +57,7 @@ def run_masks(arguments: argparse.Namespace) -> None:
     def make_work(model, processor, images):
         from xt_hf.engine import segment_streaming
         from xt_hf.engine.batch import output_names
+        from xt_hf.engine.writers import atomic_write
 
         names = output_names(images, suffix)
 
@@ -66,15 +65,9 @@ def run_masks(arguments: argparse.Namespace) -> None:
             # Written under a temporary name, then renamed: a mask in --output-dir is always a whole one.
             # An input not done yet (killed halfway, say) has its earlier mask replaced.
             target = folder / names[image]
-            partial = folder / f".{target.stem}.{os.getpid()}.partial{suffix}"
-            _remove(partial)
-            try:
+            with atomic_write(target) as partial:
                 height, width = segment_streaming(model, image, partial, processor=processor, overwrite=True,
                                                   **streaming_options(arguments))
-                _remove(target)
-                os.replace(partial, target)
-            finally:
-                _remove(partial)
             return {"mask": str(target), "height": height, "width": width}
 
         return work
@@ -82,13 +75,6 @@ def run_masks(arguments: argparse.Namespace) -> None:
     run_many(arguments, command="segment", auto_class=AutoModelForSemanticSegmentation, columns=COLUMNS,
              signature={"output_dir": str(folder.resolve()), "mask_format": arguments.mask_format},
              make_work=make_work)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 def run_one(arguments: argparse.Namespace) -> None:

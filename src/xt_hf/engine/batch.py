@@ -9,7 +9,7 @@ Safe to kill at any moment, and resumable:
 
 - every finished input is appended to a journal, `<output>.parts/rank<R>.jsonl`, one JSON line per input,
   flushed and fsync'd before the next input starts (a line torn by `kill -9` is skipped when read);
-- the table itself is only ever replaced whole (written to a temporary file, fsync'd, `os.replace`d): it is
+- the table itself is only ever replaced whole (`writers.atomic_write`: a temporary file, fsync'd, renamed): it is
   rewritten from the journal every `snapshot_seconds` and at the end, so it is always a complete table;
 - a rerun reads the journal and skips every input whose key (resolved path, size, modification time) has a
   row without an error; failed inputs are tried again. Its final table equals an uninterrupted run's;
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .sources import NUMPY_SUFFIXES, PIL_SUFFIXES, SLIDE_SUFFIXES, TIFF_SUFFIXES
-from .writers import check_output_path
+from .writers import atomic_write, check_output_path
 
 TABLE_SUFFIXES = (".parquet", ".jsonl")
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
@@ -175,11 +175,10 @@ def _arrow_type(spec: str):
 
 
 def write_table(path: str | os.PathLike, rows: list[dict], columns: dict[str, str]) -> None:
-    """Replace `path` (`.parquet` or `.jsonl`) by a table of `rows` whole: written beside it under a temporary
-    name, fsync'd, then `os.replace`d, so a reader (or a kill) never sees half a table."""
+    """Replace `path` (`.parquet` or `.jsonl`) by a table of `rows` whole (`atomic_write`), so a reader (or a kill)
+    never sees half a table."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_write(path) as temporary:
         if path.suffix.lower() == ".parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -187,19 +186,10 @@ def write_table(path: str | os.PathLike, rows: list[dict], columns: dict[str, st
             schema = pa.schema([(name, _arrow_type(spec)) for name, spec in columns.items()])
             table = pa.Table.from_pylist([{name: row.get(name) for name in columns} for row in rows], schema=schema)
             pq.write_table(table, temporary)
-            with open(temporary, "rb+") as handle:
-                os.fsync(handle.fileno())
         else:
             with open(temporary, "w") as handle:
                 for row in rows:
                     handle.write(json.dumps({name: row.get(name) for name in columns}) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    _fsync_directory(path.parent)
 
 
 def read_table(path: str | os.PathLike) -> list[dict]:
@@ -210,19 +200,6 @@ def read_table(path: str | os.PathLike) -> list[dict]:
 
         return pq.read_table(path).to_pylist()
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _fsync_directory(path: Path) -> None:
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 class Journal:
@@ -271,9 +248,8 @@ class Journal:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.run_file
         if not path.is_file():
-            temporary = path.with_name(f".run.json.{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(signature, sort_keys=True))
-            os.replace(temporary, path)
+            with atomic_write(path) as temporary:
+                temporary.write_text(json.dumps(signature, sort_keys=True))
 
     def read(self) -> dict[str, dict]:
         """Every row in the journal files this process can see, by key; a row without an error wins over one

@@ -22,15 +22,13 @@ import torch.distributed as dist
 
 from ..detection_head import detections_from_dense_maps
 from ..modeling_xt import XTModelOutput
-from ..nested_tokenization import RegionIndex, new_stitched_grids, stitch_regions
+from ..nested_tokenization import RegionIndex, new_stitched_grids, region_grid_shape, stitch_regions
 from ..region_encoder import RegionBatch
 from .context import encode_in_place, new_token_buffer
 from .heads import ContextHead, RegionHead, require_head
 from .sources import RegionReader, RegionSource, open_region_source
 from .spill import release_pages
 from .writers import CLASS_MAP_SUFFIXES, check_output_path, write_class_map
-
-DEFAULT_REGION_BATCH_SIZE = 16
 
 
 def region_reader_for(model, image, processor=None) -> RegionReader:
@@ -52,9 +50,11 @@ def region_feed(model, reader: RegionReader, *, region_batch_size: int | None = 
                 ) -> Iterator[RegionBatch]:
     """The lazy feed of the model's region loop: regions read from disk in row-major order (all, or the numbers in
     `regions`), `region_batch_size` at a time (read ahead by `num_workers` processes), on the model's device and
-    dtype."""
+    dtype. `region_batch_size=None` takes the model's `config.region_batch_size`; a config that says None (all
+    regions at once, in memory) streams the config class's default instead, since holding a whole scene is what
+    streaming avoids."""
     parameter = next(model.parameters())
-    batch_size = region_batch_size or model.config.region_batch_size or DEFAULT_REGION_BATCH_SIZE
+    batch_size = region_batch_size or model.config.region_batch_size or type(model.config).region_batch_size
     batches = reader.batches(batch_size, num_workers, regions)
     if progress:
         from tqdm.auto import tqdm
@@ -221,9 +221,8 @@ def _return_freed_memory() -> None:
     """Hand the region encoder's freed working memory back to the system before the context encoder's
     grid-sized buffers are allocated (glibc only; elsewhere nothing happens).
 
-    glibc keeps freed blocks below its mmap threshold (up to 32 MiB) in the heap for reuse: after 40 chunks
-    of 16 Swin-v2-T regions that was 0.39 GiB of free memory still counted in the process (measured on a
-    4,096² px image), which would otherwise add to the context encoder's peak.
+    glibc keeps freed blocks below its mmap threshold (up to 32 MiB) in the heap for reuse, still counted in
+    the process, where they would add to the context encoder's peak (docs/gigapixel.md, "Memory knobs").
     """
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
@@ -338,7 +337,7 @@ def segment_streaming(
     if output.suffix.lower() != ".zarr" and side % 16:
         raise ValueError(f"Tiled TIFF tiles must be multiples of 16 px; region_size / stride is {side}: use .zarr.")
     reader = region_reader_for(model, image, processor)
-    shape = (-(-reader.source.height // stride), -(-reader.source.width // stride))
+    shape = region_grid_shape(reader.source.height, reader.source.width, stride)
     dtype = np.uint8 if model.config.num_labels <= 256 else np.uint16
     regions = decode_streaming(model, reader.source, processor=processor, region_batch_size=region_batch_size,
                                num_workers=num_workers, progress=progress, spill_directory=spill_directory)

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..image_processing_xt import dtype_rescale_factor, normalize_pixels
-from ..nested_tokenization import region_grid_shape
+from ..nested_tokenization import pad_to_region_multiple, region_grid_shape
 from .spill import drop_mapped_pages
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -291,11 +291,10 @@ class RegionReader(Dataset):
         row, col = divmod(index, self.cols)
         size = self.region_size
         pixels = normalize_pixels(self.source.read(row * size, col * size, size, size), **self.normalization)
-        region = np.zeros((self.source.channels, size, size), dtype=np.float32)
-        region[:, : pixels.shape[1], : pixels.shape[2]] = pixels
-        if not np.isfinite(region).all():
+        region = pad_to_region_multiple(torch.from_numpy(pixels), size)
+        if not torch.isfinite(region).all():
             raise ValueError(f"Region (row {row}, column {col}) contains NaN or infinite values.")
-        return torch.from_numpy(region), row, col
+        return region, row, col
 
     def batches(self, batch_size: int, num_workers: int = 0, regions: range | None = None) -> DataLoader:
         """Regions in order (all, or the row-major numbers in `regions`), `batch_size` at a time, read ahead by

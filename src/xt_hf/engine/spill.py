@@ -1,7 +1,7 @@
 """Token buffers kept in a file on disk instead of in the process's memory ("spilled").
 
 An exact attention block needs its input tokens and the heads' outputs at once, two token-grid-sized
-buffers (`XTAttentionBlock.forward_in_place`): 4 GiB for a 29,000 × 25,000 px scene in float32. Spilled,
+buffers (`context.update_attention_block`): 4 GiB for a 29,000 × 25,000 px scene in float32. Spilled,
 each buffer is a tensor over a shared memory map of an unnamed temporary file, and the in-place context
 encoder releases the pages of every chunk it has finished with. The process then holds only the chunks
 in use; the rest lives in the file, cached by the kernel while memory is free and written back when it is

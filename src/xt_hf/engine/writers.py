@@ -1,16 +1,66 @@
-"""Whole-scene outputs written region by region, so that no full-resolution map is ever held in memory."""
+"""Whole-scene outputs written region by region, so that no full-resolution map is ever held in memory; files that
+are replaced whole (`atomic_write`), so that a reader or a kill never meets half of one."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-from collections.abc import Iterable
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 CLASS_MAP_SUFFIXES = (".zarr", ".tif", ".tiff")
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Write `path` whole or not at all: yields a temporary sibling path to write a file (or a folder) to.
+
+    The temporary name is hidden and keeps the suffix (`.<stem>.<pid>.partial<suffix>`), so that writers that pick
+    their format by the suffix pick the same one. When the block ends, a written file is fsync'd and `os.replace`d
+    onto `path` in one step; a written folder (a `.zarr`) replaces whatever is at `path`, which is
+    removed first since a rename cannot replace a non-empty folder; then the parent folder's entries are fsync'd.
+    When the block raises, the temporary is removed and `path` is left as it was. A folder's own files are not
+    fsync'd: a kill never leaves half of one, a power cut may.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    _remove(temporary)  # left by a killed run of a process that had the same id
+    try:
+        yield temporary
+        if temporary.is_dir():
+            _remove(path)
+        else:
+            with open(temporary, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        _remove(temporary)
+    _fsync_directory(path.parent)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fsync_directory(path: Path) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def check_output_path(output: str | Path, *, suffixes: tuple[str, ...], overwrite: bool) -> Path:

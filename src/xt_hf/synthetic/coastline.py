@@ -194,64 +194,37 @@ def generate_dataset(
     )
 
 
-def evaluate_saved_model(
-    model_path: str,
-    dataset_path: str,
-    split: str = "test",
-    *,
-    batch_size: int = 4,
-    seed: int | None = None,
-    **sample_options,
-) -> dict:
-    """Mean IoU, pixel accuracy and per-class IoU of a saved `XTForSemanticSegmentation` on one split of a
-    `save_to_disk` folder (e.g. the held-out test split, which training never evaluates on).
+class VesselScores:
+    """Whole-vessel accuracy of class maps predicted for a generated split (reported by
+    `xt_hf.training.segmentation_evaluation`): each vessel's class is the majority prediction over its pixels,
+    counted apart for vessels whose own region shows land and those whose region does not (only context can tell
+    the latter apart).
 
-    With the `seed` (and `sample_options`) the folder was generated with, also scores whole vessels: each
-    vessel's class is the majority prediction over its pixels, counted apart for vessels whose own region
-    shows land and those whose region does not (only context can tell the latter apart).
+    The samples are generated again from the `seed` and `sample_options` (`generate_sample`'s) the folder was
+    made with; an image whose labels differ from the generated mask is refused, naming the settings to pass.
     """
-    import torch
-    from datasets import load_from_disk
-    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-    from .. import training
+    def __init__(self, seed: int, split: str, **sample_options):
+        self.seed, self.split, self.sample_options = seed, split, sample_options
+        self.counts = {"region_shows_land": [0, 0], "region_shows_no_land": [0, 0]}  # [correct, total]
 
-    model = AutoModelForSemanticSegmentation.from_pretrained(model_path).eval()
-    processor = AutoImageProcessor.from_pretrained(model_path)
-    num_labels, ignore = model.config.num_labels, model.config.semantic_loss_ignore_index
-    dataset = training.prepare_segmentation_dataset(
-        load_from_disk(dataset_path)[split], processor, num_labels=num_labels, ignore_index=ignore)
-    collate = training.SegmentationPaddingCollator(processor.region_size, processor.pad_value, ignore)
-    confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
-    vessels = {"region_shows_land": [0, 0], "region_shows_no_land": [0, 0]}  # [correct, total]
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            indices = range(start, min(start + batch_size, len(dataset)))
-            batch = collate([dataset[i] for i in indices])
-            logits = model(pixel_values=batch["pixel_values"]).logits
-            predictions = training.logits_to_class_maps(logits, batch["labels"].shape[-2:])
-            confusion += training.confusion_matrix(predictions, batch["labels"], num_labels, ignore)
-            if seed is None:
-                continue
-            for index, prediction in zip(indices, predictions.numpy()):
-                sample = generate_sample(sample_rng(seed, split, index), **sample_options)
-                if not np.array_equal(sample.mask, batch["labels"][index - start, : sample.mask.shape[0],
-                                                                   : sample.mask.shape[1]].numpy()):
-                    raise ValueError(f"Sample {index} of {split} is not what seed {seed} and {sample_options} "
-                                     f"generate: pass the settings the folder was made with, or no seed (pixel "
-                                     f"metrics only).")
-                for key, correct in _score_vessels(sample, prediction, processor.region_size):
-                    vessels[key][0] += correct
-                    vessels[key][1] += 1
-    metrics = training.metrics_from_confusion(confusion)
-    names = [model.config.id2label[i] for i in range(num_labels)]
-    report = {"split": split, "images": len(dataset), "mean_iou": float(metrics["mean_iou"]),
-              "overall_accuracy": float(metrics["overall_accuracy"]),
-              "per_category_iou": dict(zip(names, metrics["per_category_iou"].tolist()))}
-    if seed is not None:
-        report["vessel_accuracy"] = {key: {"correct": correct, "vessels": total, "accuracy": correct / max(total, 1)}
-                                     for key, (correct, total) in vessels.items()}
-    return report
+    def update(self, index: int, labels: np.ndarray, prediction: np.ndarray, region_size: int) -> None:
+        """Score image `index` of the split: its labels and predicted class map `(H, W)` (padding beyond the
+        sample allowed), with the model's `region_size`."""
+        sample = generate_sample(sample_rng(self.seed, self.split, index), **self.sample_options)
+        height, width = sample.mask.shape
+        if not np.array_equal(sample.mask, labels[:height, :width]):
+            raise ValueError(f"Sample {index} of {self.split} is not what seed {self.seed} and {self.sample_options} "
+                             f"generate: pass the settings the folder was made with, or no seed (pixel metrics "
+                             f"only).")
+        for key, correct in _score_vessels(sample, prediction, region_size):
+            self.counts[key][0] += correct
+            self.counts[key][1] += 1
+
+    def result(self) -> dict[str, dict]:
+        """Per group: `{"correct", "vessels", "accuracy"}`."""
+        return {key: {"correct": correct, "vessels": total, "accuracy": correct / max(total, 1)}
+                for key, (correct, total) in self.counts.items()}
 
 
 def _score_vessels(sample: CoastlineSample, prediction: np.ndarray, region_size: int):
@@ -271,50 +244,37 @@ def _score_vessels(sample: CoastlineSample, prediction: np.ndarray, region_size:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", help="folder for `DatasetDict.save_to_disk`")
+    parser.add_argument("--output", required=True, help="folder for `DatasetDict.save_to_disk`")
     parser.add_argument("--train", type=int, default=400)
     parser.add_argument("--validation", type=int, default=64)
     parser.add_argument("--test", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    add_sample_arguments(parser)
+    arguments = parser.parse_args(argv)
+    dataset = generate_dataset(arguments.train, arguments.test, num_validation=arguments.validation,
+                               seed=arguments.seed, **sample_options(arguments))
+    dataset.save_to_disk(arguments.output)
+    print(dataset)
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `generate_sample` options but the seed, for generating a folder and for scoring its vessels again
+    (`python -m xt_hf.training.segmentation_evaluation`): both must be given the same."""
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--region-size", type=int, default=64)
     parser.add_argument("--vessels", type=int, nargs=2, metavar=("MIN", "MAX"), default=(6, 12),
-                        help="vessels per image (default 6 12); with --evaluate, the folder's")
+                        help="vessels per image (default 6 12)")
     parser.add_argument("--near-distance", type=float, default=2.5,
                         help="near-shore below this distance to land, in regions (default 2.5)")
     parser.add_argument("--margin", type=float, default=0.25,
                         help="no vessel within this many regions of --near-distance (default 0.25)")
     parser.add_argument("--vessel-radius", type=float, default=6.0, help="in pixels (default 6)")
-    parser.add_argument("--evaluate", metavar="MODEL", help="instead, evaluate a saved model on --split of --data")
-    parser.add_argument("--data", help="with --evaluate: the save_to_disk folder")
-    parser.add_argument("--split", default="test", help="with --evaluate: the split (default test); --seed, "
-                                                         "--image-size and --region-size must be the folder's")
-    parser.add_argument("--no-vessel-scores", action="store_true",
-                        help="with --evaluate: pixel metrics only, for a folder this code cannot regenerate")
-    arguments = parser.parse_args(argv)
-    if arguments.evaluate:
-        import json
-
-        if not arguments.data:
-            parser.error("--evaluate needs --data")
-        seed = None if arguments.no_vessel_scores else arguments.seed
-        report = evaluate_saved_model(arguments.evaluate, arguments.data, arguments.split, seed=seed,
-                                      image_size=arguments.image_size, region_size=arguments.region_size,
-                                      **_sample_options(arguments))
-        print(json.dumps(report, indent=2))
-        return
-    if not arguments.output:
-        parser.error("--output is required")
-    dataset = generate_dataset(arguments.train, arguments.test, num_validation=arguments.validation,
-                               seed=arguments.seed, image_size=arguments.image_size, region_size=arguments.region_size,
-                               **_sample_options(arguments))
-    dataset.save_to_disk(arguments.output)
-    print(dataset)
 
 
-def _sample_options(arguments: argparse.Namespace) -> dict:
-    """The `generate_sample` options the command line sets: generating and evaluating must pass the same."""
-    return {"num_vessels": tuple(arguments.vessels), "near_distance": arguments.near_distance,
+def sample_options(arguments: argparse.Namespace) -> dict:
+    """The `generate_sample` options that `add_sample_arguments` reads."""
+    return {"image_size": arguments.image_size, "region_size": arguments.region_size,
+            "num_vessels": tuple(arguments.vessels), "near_distance": arguments.near_distance,
             "margin": arguments.margin, "vessel_radius": arguments.vessel_radius}
 
 
@@ -322,5 +282,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["LABELS", "CoastlineSample", "Vessel", "distance_to_land", "evaluate_saved_model", "generate_dataset",
-           "generate_sample", "sample_rng"]
+__all__ = ["LABELS", "CoastlineSample", "Vessel", "VesselScores", "add_sample_arguments", "distance_to_land",
+           "generate_dataset", "generate_sample", "sample_options", "sample_rng"]

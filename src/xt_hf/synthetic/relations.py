@@ -17,10 +17,8 @@ red and blue discs are fixed, and clutter counts, colours and sizes do not depen
 
 Groups rather than single markers, and markers larger than the clutter, because a from-scratch model learns
 the relation far faster when each side of it is carried by several tokens that stand out clearly from the
-rest (`markers_per_colour=1` gives the single-marker variant). Measured with a small xT trained from
-scratch on CPU: with discs of radius 20-32 px it stayed at chance for 250-300 steps of 16 images in each
-of three head and learning-rate variants; with the default 40-56 px it passed 95 % held-out accuracy
-after 200 such steps.
+rest (`markers_per_colour=1` gives the single-marker variant); docs/fine-tuning.md has the runs that
+chose the disc sizes.
 
     python -m xt_hf.synthetic.relations --output data/relations --train 4000 --validation 256 --test 1000
     python -m xt_hf.synthetic.relations --evaluate outputs/relations_xt/best --data data/relations   # held-out top-1

@@ -1,6 +1,7 @@
 """Fine-tuning xT: settings (`arguments`), data (`data`, `segmentation_data`, `detection_data`), tasks (`tasks`),
 the Accelerate loop (`loop`), metrics (`evaluation`, the `evaluate` metric scripts in `metrics/`, and COCO mAP in
-`detection_evaluation`), the command (`command`).
+`detection_evaluation`), scores of a saved model on a split (`detection_evaluation`, `segmentation_evaluation`),
+the command (`command`).
 
     from xt_hf.training import TrainConfig, train
     metrics = train(TrainConfig.from_dict({"model": "config.json", "dataset": "data/", "max_steps": 100}))

@@ -22,6 +22,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_d
 from datasets import Image as ImageFeature
 from PIL import Image
 
+from ..image_processing_xt import padded_frame
+
 if TYPE_CHECKING:
     from .arguments import TrainConfig
 
@@ -231,9 +233,7 @@ class RegionPaddingCollator:
 
     def padded_size(self, tensors: Sequence[torch.Tensor]) -> tuple[int, int]:
         """The batch's largest height and width, each rounded up to whole regions."""
-        region = self.region_size
-        return (-(-max(t.shape[-2] for t in tensors) // region) * region,
-                -(-max(t.shape[-1] for t in tensors) // region) * region)
+        return padded_frame([t.shape[-2:] for t in tensors], self.region_size)
 
 
 def pad_bottom_right(tensors: Sequence[torch.Tensor], size: tuple[int, int], value: float) -> torch.Tensor:

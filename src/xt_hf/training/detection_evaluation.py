@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.ops import box_convert, nms
 
 from .evaluation import metric_name
 
@@ -32,14 +33,11 @@ AGNOSTIC_NMS_IOU = 0.7
 SUMMARY_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
 
 
-def _frame_scale(frame_size: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+def _corners_in_frame(boxes: torch.Tensor, frame_size: tuple[int, int]) -> torch.Tensor:
+    """Normalised `(cx, cy, w, h)` → `(m, 4)` float32 `x1, y1, x2, y2` in pixels of the `(height, width)` frame."""
     height, width = (int(v) for v in frame_size)
-    return like.new_tensor([width, height, width, height], dtype=torch.float32)
-
-
-def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    boxes = boxes.float().reshape(-1, 4)
-    return torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], dim=-1)
+    corners = box_convert(boxes.float().reshape(-1, 4), "cxcywh", "xyxy")
+    return corners * corners.new_tensor([width, height, width, height], dtype=torch.float32)
 
 
 def model_detections(
@@ -53,9 +51,8 @@ def model_detections(
         image_logits = image_logits.detach().float().cpu()
         best, labels = image_logits.max(dim=-1)
         keep = torch.isfinite(best) & (best.sigmoid() > threshold)
-        boxes = cxcywh_to_xyxy(image_boxes.detach().cpu()[keep])
-        results.append({"boxes": boxes * _frame_scale(frame_size, boxes), "scores": best[keep].sigmoid(),
-                        "labels": labels[keep]})
+        results.append({"boxes": _corners_in_frame(image_boxes.detach().cpu()[keep], frame_size),
+                        "scores": best[keep].sigmoid(), "labels": labels[keep]})
     return results
 
 
@@ -64,8 +61,7 @@ def target_boxes(labels: Sequence[Mapping[str, Any]], frame_size: tuple[int, int
     "labels": (m,)}` (CPU)."""
     results = []
     for target in labels:
-        boxes = cxcywh_to_xyxy(_as_tensor(target["boxes"]).detach().cpu())
-        results.append({"boxes": boxes * _frame_scale(frame_size, boxes),
+        results.append({"boxes": _corners_in_frame(_as_tensor(target["boxes"]).detach().cpu(), frame_size),
                         "labels": _as_tensor(target["class_labels"]).detach().cpu().long().reshape(-1)})
     return results
 
@@ -79,8 +75,6 @@ def class_agnostic(prediction: Mapping[str, torch.Tensor], iou_threshold: float 
     with IoU above `iou_threshold` dropped (class-agnostic NMS), so that the same object reported under two
     classes (a detector unsure of the class puts a peak in both heatmaps) counts once, not once right and once as a
     false positive."""
-    from torchvision.ops import nms
-
     keep = nms(prediction["boxes"].float(), prediction["scores"].float(), iou_threshold)
     return {"boxes": prediction["boxes"][keep], "scores": prediction["scores"][keep],
             "labels": torch.zeros_like(prediction["labels"][keep])}
@@ -216,7 +210,6 @@ __all__ = [
     "DetectionMeanAP",
     "class_agnostic",
     "compute_detection_metrics",
-    "cxcywh_to_xyxy",
     "detection_metrics",
     "detection_predictions",
     "evaluate_saved_detector",
