@@ -94,7 +94,7 @@ def test_streaming_embeds_regions_into_the_context_tokens_exactly(image):
 
 def test_streaming_with_spilled_tokens_gives_the_same_numbers(image, tmp_path):
     """`spill_directory` keeps the token sequence in a file; the tokens and logits must not change."""
-    from xt_hf.engine.spill import spill_directory
+    from test_spill import spill_file_directory
 
     torch.manual_seed(0)
     model = XTForImageClassification(tiny_config(
@@ -102,7 +102,7 @@ def test_streaming_with_spilled_tokens_gives_the_same_numbers(image, tmp_path):
         hyper_block_size=8, hyper_sample_size=8)).eval()
     expected, _ = encode_context_streaming(model, image, region_batch_size=5)
     spilled, _ = encode_context_streaming(model, image, region_batch_size=5, spill_directory=tmp_path)
-    assert spill_directory(spilled.last_hidden_state) == tmp_path
+    assert spill_file_directory(spilled.last_hidden_state) == tmp_path
     torch.testing.assert_close(spilled.last_hidden_state, expected.last_hidden_state, rtol=0, atol=0)
     with torch.inference_mode():
         expected_logits = model.logits_from_context(expected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,10 @@ from .detection_head import (
     merge_region_detections,
 )
 from .nested_tokenization import (
+    RegionIndex,
+    decode_region_batches,
     nested_tokenize,
+    new_stitched_grids,
     pad_to_region_multiple,
     region_batches,
     region_grid_shape,
@@ -472,6 +476,24 @@ class XTRegionDecoderModel(XTPreTrainedModel):
             return None
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid_shape)
 
+    def decode(
+        self, region_feature_maps: tuple[torch.Tensor, ...], context: torch.Tensor | None, rows: int, cols: int,
+        each: Callable[[RegionIndex, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Decode every region (`decode_regions`), `region_batch_size` at a time (`decode_region_batches`), into one
+        stitched `(batch, C, rows·R/s, cols·R/s)` grid; `each(index, outputs)` also sees every batch's outputs."""
+        batch, device = region_feature_maps[0].shape[0], region_feature_maps[0].device
+        indexes = (index.to(device) for index in region_batches(batch, rows, cols, self.config.region_batch_size))
+        batches = ((index, [nested_tokenize(stage, index) for stage in region_feature_maps]) for index in indexes)
+        stitched = None
+        for index, outputs in decode_region_batches(self.decode_regions, batches, context):
+            if stitched is None:
+                (stitched,) = new_stitched_grids((outputs,), batch, rows, cols)
+            stitch_regions(stitched, index, outputs)
+            if each is not None:
+                each(index, outputs)
+        return stitched
+
     def at_output_resolution(self, region_maps: torch.Tensor) -> torch.Tensor:
         """Regions' decoded maps `(n, C, h, w)` at the output resolution, `region_size / decoder_output_stride`."""
         side = self.config.region_size // self.config.decoder_output_stride
@@ -542,24 +564,6 @@ class XTForSemanticSegmentation(XTRegionDecoderModel):
         `(n, num_labels, R/stride, R/stride)`. A region's output depends on nothing else, which is what lets an
         engine decode a whole scene region by region."""
         return self.at_output_resolution(self.decoder(stage_features, context))
-
-    def decode(
-        self, region_feature_maps: tuple[torch.Tensor, ...], context: torch.Tensor | None, rows: int, cols: int
-    ) -> torch.Tensor:
-        """Decode every region, `region_batch_size` at a time, into one `(batch, labels, rows·R/s, cols·R/s)` grid."""
-        logits = None
-        for index in region_batches(region_feature_maps[0].shape[0], rows, cols, self.config.region_batch_size):
-            index = index.to(region_feature_maps[0].device)
-            region_logits = self.decode_regions(
-                [nested_tokenize(stage, index) for stage in region_feature_maps],
-                None if context is None else nested_tokenize(context, index),
-            )
-            if logits is None:
-                side = region_logits.shape[-1]
-                logits = region_logits.new_empty(region_feature_maps[0].shape[0], region_logits.shape[1],
-                                                 rows * side, cols * side)
-            stitch_regions(logits, index, region_logits)
-        return logits
 
     def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over labelled pixels (at the labels' resolution), plus weighted soft Dice."""
@@ -670,8 +674,15 @@ class XTForObjectDetection(XTRegionDecoderModel):
         if labels is not None:
             targets = check_detection_labels(labels, batch, self.config.num_labels, pixel_values.device)
         outputs, context, rows, cols = self.encode_for_regions(pixel_values, output_hidden_states, output_attentions)
-        maps, detections = self.decode(outputs.region_feature_maps, context, rows, cols, image_size=(height, width))
-        maps = self.cropped(maps, height, width)
+        found = [([], []) for _ in range(batch)]  # each image's regions' detections and origins, in region order
+
+        def collect(index: RegionIndex, region_maps: torch.Tensor) -> None:
+            for image, detections, origin in self.region_detections(index, region_maps):
+                found[image][0].append(detections)
+                found[image][1].append(origin)
+
+        maps = self.cropped(self.decode(outputs.region_feature_maps, context, rows, cols, each=collect), height, width)
+        detections = [self.merge_detections(*found[image], (height, width)) for image in range(batch)]
         stride = self.config.decoder_output_stride
         logits, pred_boxes = self.padded_detections(detections, (height, width), maps)
 
@@ -710,12 +721,23 @@ class XTForObjectDetection(XTRegionDecoderModel):
         heatmap = self.region_class_prior(maps[:, :num_labels], stage_features[-1] if context is None else context)
         return torch.cat([heatmap, maps[:, num_labels:]], dim=1)
 
-    def detect_regions(self, maps: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """`detections_from_dense_maps` of regions' maps with the config's stride, threshold and limit."""
+    def detect_regions(self, maps: torch.Tensor, threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
+        """`detections_from_dense_maps` of regions' maps with the config's stride and limit, and its threshold
+        unless one is given."""
         return detections_from_dense_maps(
-            maps, stride=self.config.decoder_output_stride, threshold=self.config.detection_threshold,
-            max_detections=self.config.detection_max_detections,
+            maps, stride=self.config.decoder_output_stride, max_detections=self.config.detection_max_detections,
+            threshold=self.config.detection_threshold if threshold is None else threshold,
         )
+
+    def region_detections(
+        self, index: RegionIndex, maps: torch.Tensor, threshold: float | None = None
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor], tuple[int, int]]]:
+        """Each region's detections (`detect_regions` of its maps) with its image and its origin `(x, y)` in the
+        image's pixels, for `merge_detections`."""
+        region = self.config.region_size
+        places = zip(index.image.tolist(), index.row.tolist(), index.col.tolist())
+        for detections, (image, row, col) in zip(self.detect_regions(maps, threshold), places):
+            yield image, detections, (col * region, row * region)
 
     def merge_detections(
         self, region_detections: list[dict[str, torch.Tensor]], region_origins: list[tuple[int, int]],
@@ -726,33 +748,6 @@ class XTForObjectDetection(XTRegionDecoderModel):
             region_detections, region_origins, iou_threshold=self.config.detection_nms_iou,
             max_detections=self.config.detection_max_detections, image_size=image_size,
         )
-
-    def decode(
-        self, region_feature_maps: tuple[torch.Tensor, ...], context: torch.Tensor | None, rows: int, cols: int,
-        image_size: tuple[int, int] | None = None,
-    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-        """Decode every region, `region_batch_size` at a time: the stitched dense maps `(batch, num_labels + 4,
-        rows·R/s, cols·R/s)` and each image's detections, found region by region (`detect_regions`) and merged
-        (`merge_detections`, in region order) in pixels of the image (of `image_size`, padding excluded)."""
-        batch, region = region_feature_maps[0].shape[0], self.config.region_size
-        maps = None
-        found = [[] for _ in range(batch)]
-        origins = [[] for _ in range(batch)]
-        for index in region_batches(batch, rows, cols, self.config.region_batch_size):
-            index = index.to(region_feature_maps[0].device)
-            region_maps = self.decode_regions(
-                [nested_tokenize(stage, index) for stage in region_feature_maps],
-                None if context is None else nested_tokenize(context, index),
-            )
-            if maps is None:
-                side = region_maps.shape[-1]
-                maps = region_maps.new_empty(batch, region_maps.shape[1], rows * side, cols * side)
-            stitch_regions(maps, index, region_maps)
-            for detections, image, row, col in zip(self.detect_regions(region_maps), index.image.tolist(),
-                                                   index.row.tolist(), index.col.tolist()):
-                found[image].append(detections)
-                origins[image].append((col * region, row * region))
-        return maps, [self.merge_detections(found[i], origins[i], image_size) for i in range(batch)]
 
     def padded_detections(
         self, detections: list[dict[str, torch.Tensor]], image_size: tuple[int, int], like: torch.Tensor

@@ -8,7 +8,7 @@ is ever copied as a whole: `nested_tokenize` cuts out and `stitch_regions` write
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +85,19 @@ def stitch_regions(grid: torch.Tensor, index: RegionIndex, regions: torch.Tensor
     """Write regions' maps `(n, C, h, w)` into their places of the stitched `(batch, C, rows·h, cols·w)`:
     the inverse of `nested_tokenize`."""
     as_region_grid(grid, grid.shape[2] // index.rows, grid.shape[3] // index.cols)[index.image, index.row, index.col] = regions
+
+
+def decode_region_batches(
+    decode: Callable[[list[torch.Tensor], torch.Tensor | None], torch.Tensor],
+    batches: Iterable[tuple[RegionIndex, Sequence[torch.Tensor]]],
+    context: torch.Tensor | None,
+) -> Iterator[tuple[RegionIndex, torch.Tensor]]:
+    """The per-region decode loop: each batch of regions `(index, stage maps (n, C_s, h_s, w_s))` through `decode`
+    with its own context tokens, cut out of `context` `(batch, D, rows·h, cols·w)` (None without a context
+    encoder), as `(index, outputs (n, ...))`. The models feed it regions cut from their stitched stages; the
+    engine feeds it the region loop's batches of a scene on disk and a view of the scene's tokens."""
+    for index, stage_maps in batches:
+        yield index, decode(list(stage_maps), None if context is None else nested_tokenize(context, index))
 
 
 def region_batches(

@@ -3,7 +3,7 @@
 The model files (one level up) say *what* xT computes and ship to the Hub; this package says *when and
 where*: it reads regions lazily from disk (`sources`), feeds them through the model's own region loop,
 schedules the context encoder's blocks a chunk of tokens at a time in place (`context`), can keep token
-buffers in files on disk (`spill`), drives whole scenes through a task head's interface (`heads`, `scene`)
+buffers in files on disk (`spill`), drives every whole-scene task through one driver (`heads`, `scene`)
 and writes whole-scene outputs region by region (`writers`). It is chosen explicitly, by calling it or by
 the `xt-hf` commands, never by a grad mode.
 """
@@ -19,6 +19,7 @@ from .scene import (
     predict_streaming,
     region_feed,
     region_reader_for,
+    run_scene,
     segment_streaming,
 )
 from .sources import RegionReader, RegionSource, open_region_source
@@ -41,5 +42,6 @@ __all__ = [
     "region_feed",
     "region_reader_for",
     "run_batch",
+    "run_scene",
     "segment_streaming",
 ]

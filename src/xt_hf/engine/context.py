@@ -10,7 +10,6 @@ float rounding (tests compare them).
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -21,7 +20,7 @@ from ..context_encoder import ContextEncoding, XTContextEncoder
 from ..context_mamba import XTMambaBlock
 from ..hyper_attention import causal_padded_length
 from ..position_embedding import grid_cells
-from .spill import empty_beside, ensure_free_space, release_pages, spilled_empty
+from .spill import IN_MEMORY, InMemory, token_storage
 
 
 def new_token_buffer(
@@ -30,26 +29,20 @@ def new_token_buffer(
     num_grid_tokens: int,
     *,
     device: torch.device,
-    spill_directory: str | os.PathLike | None = None,
+    storage: InMemory = IN_MEMORY,
 ) -> torch.Tensor:
     """An uninitialised `(batch, num_grid_tokens [+ 1 CLS], hidden)` sequence, CLS already in place, for
     `encoder.embed_tokens` to fill (its grid tokens are `encoder.split_cls(buffer)[0]`, row-major).
 
-    With `spill_directory` (CPU only) the sequence lives in a file there (`spill.spilled_empty`), and the
-    in-place blocks keep only the chunks they work on in memory.
+    With a `Spill` storage (CPU only) the sequence lives in a file (`spill.py`), and the in-place blocks keep
+    only the chunks they work on in memory.
     """
     weight = encoder.input_proj.weight
     shape = (batch, num_grid_tokens + (encoder.cls_token is not None), weight.shape[0])
-    if spill_directory is None:
-        tokens = weight.new_empty(shape, device=device)
-    elif torch.device(device).type != "cpu":
-        raise ValueError(f"Spilling tokens to disk is for CPU inference; the model runs on {device}.")
-    else:
-        # Attention blocks spill a second buffer of the same size (the heads' outputs), maybe an hour of
-        # region encoding later: make sure now that the disk has room for both.
-        buffers = 2 if any(isinstance(layer, XTAttentionBlock) for layer in encoder.layers) else 1
-        ensure_free_space(spill_directory, buffers * math.prod(shape) * weight.element_size())
-        tokens = spilled_empty(shape, dtype=weight.dtype, directory=spill_directory)
+    # Attention blocks make a second buffer of the same size (the heads' outputs), maybe an hour of region
+    # encoding later: a spill directory is checked now for room for both.
+    buffers = 2 if any(isinstance(layer, XTAttentionBlock) for layer in encoder.layers) else 1
+    tokens = storage.empty(shape, dtype=weight.dtype, device=device, buffers=buffers)
     if encoder.cls_index is not None:
         tokens[:, encoder.cls_index] = encoder.cls_token[0, 0].to(tokens.dtype)
     return tokens
@@ -61,25 +54,27 @@ def encode_grid(
 ) -> ContextEncoding:
     """`encoder(grid)` for a stitched grid `(batch, C, h, w)` already in memory: its tokens embedded a chunk at a
     time into one buffer (spilled to `spill_directory` if given), then `encode_in_place`."""
+    storage = token_storage(spill_directory)
     batch, _, height, width = grid.shape
     features = grid.flatten(2).transpose(1, 2)
     row, col = grid_cells(height, width, device=grid.device)
-    tokens = new_token_buffer(encoder, batch, height * width, device=grid.device, spill_directory=spill_directory)
+    tokens = new_token_buffer(encoder, batch, height * width, device=grid.device, storage=storage)
     grid_tokens = encoder.split_cls(tokens)[0]
     for start in range(0, height * width, encoder.config.context_token_chunk_size):
         part = slice(start, start + encoder.config.context_token_chunk_size)
         grid_tokens[:, part] = encoder.embed_tokens(features[:, part], row[part], col[part])
-        release_pages(grid_tokens[:, part])
-    return encode_in_place(encoder, tokens)
+        storage.release(grid_tokens[:, part])
+    return encode_in_place(encoder, tokens, storage)
 
 
 @torch.inference_mode()
-def encode_in_place(encoder: XTContextEncoder, tokens: torch.Tensor) -> ContextEncoding:
+def encode_in_place(encoder: XTContextEncoder, tokens: torch.Tensor, storage: InMemory = IN_MEMORY) -> ContextEncoding:
     """`encoder.encode(tokens)` without autograd, updating `tokens` `(batch, L [+ 1 CLS], hidden)` in place once
-    the sequence is longer than `context_token_chunk_size` (shorter ones run the blocks' own forward)."""
+    the sequence is longer than `context_token_chunk_size` (shorter ones run the blocks' own forward); `storage`
+    is where `tokens` lives (`spill.py`), and where the buffers made beside it go."""
     config = encoder.config
     if 0 < config.in_context_patches < tokens.shape[1]:
-        return _encode_windows(encoder, tokens)
+        return _encode_windows(encoder, tokens, storage)
     chunk = config.context_token_chunk_size
     # mamba_ssm's CUDA scan over the whole sequence is far faster than chunks of the plain one.
     kernels = any(isinstance(layer, XTMambaBlock) and layer.mixer.uses_kernels(tokens) for layer in encoder.layers)
@@ -87,9 +82,9 @@ def encode_in_place(encoder: XTContextEncoder, tokens: torch.Tensor) -> ContextE
         if tokens.shape[1] <= chunk or kernels:
             tokens = run_block(layer, tokens, chunk)
         elif isinstance(layer, XTMambaBlock):
-            update_mamba_block(layer, tokens, chunk)
+            update_mamba_block(layer, tokens, chunk, storage)
         else:
-            update_attention_block(layer, tokens, chunk)
+            update_attention_block(layer, tokens, chunk, storage)
     grid_tokens, cls_state = encoder.split_cls(tokens)
     return ContextEncoding(tokens=grid_tokens, cls_state=cls_state)
 
@@ -107,7 +102,9 @@ def run_block(block: torch.nn.Module, hidden_states: torch.Tensor, chunk: int) -
     return hidden_states
 
 
-def update_attention_block(block: XTAttentionBlock, hidden_states: torch.Tensor, chunk: int) -> torch.Tensor:
+def update_attention_block(
+    block: XTAttentionBlock, hidden_states: torch.Tensor, chunk: int, storage: InMemory = IN_MEMORY
+) -> torch.Tensor:
     """`block(hidden_states)` without autograd, updating `hidden_states` `(batch, L, hidden)` in place.
 
     Besides the tokens this holds one buffer of the heads' outputs and one head's query, key and value.
@@ -124,7 +121,7 @@ def update_attention_block(block: XTAttentionBlock, hidden_states: torch.Tensor,
     bias = None if attention.qkv.bias is None else attention.qkv.bias.view(3, heads, head_dim)
     # The heads' outputs, head-major so that each head's output is one contiguous block (one range of a
     # spill file); `proj` gathers a chunk of every head at a time.
-    merged = empty_beside(hidden_states, (heads, batch, length, head_dim))
+    merged = storage.empty_beside(hidden_states, (heads, batch, length, head_dim))
     # Causal HyperAttention pads the sequence with zero rows: giving it them up front spares a copy of q/k/v.
     padded = length
     if attention.is_causal and attention.uses_hyper_attention(length):
@@ -137,25 +134,27 @@ def update_attention_block(block: XTAttentionBlock, hidden_states: torch.Tensor,
         for part in chunks:
             projected = F.linear(block.input_layernorm(hidden_states[:, part]), head_weight, head_bias)
             tokens_qkv[:, :, part] = projected.unflatten(-1, (3, head_dim)).permute(2, 0, 1, 3)
-            release_pages(hidden_states[:, part])
+            storage.release(hidden_states[:, part])
         # The head's output goes straight into its block of `merged` (its first `length` rows: the rest is
         # padding); HyperAttention merges its pieces there without another output-sized buffer.
         attention.attend(*qkv, first_head=head, out=merged[head].unsqueeze(1), in_chunks=True)
-        release_pages(merged[head])
+        storage.release(merged[head])
         del qkv
     for part in chunks:
         hidden_states[:, part] += attention.proj(merged[:, :, part].permute(1, 2, 0, 3).flatten(2))
         for head_output in merged[:, :, part]:
-            release_pages(head_output)
-        release_pages(hidden_states[:, part])
+            storage.release(head_output)
+        storage.release(hidden_states[:, part])
     del merged
     for part in chunks:
         hidden_states[:, part] += block.feed_forward_update(hidden_states[:, part])
-        release_pages(hidden_states[:, part])
+        storage.release(hidden_states[:, part])
     return hidden_states
 
 
-def update_mamba_block(block: XTMambaBlock, hidden_states: torch.Tensor, chunk: int) -> torch.Tensor:
+def update_mamba_block(
+    block: XTMambaBlock, hidden_states: torch.Tensor, chunk: int, storage: InMemory = IN_MEMORY
+) -> torch.Tensor:
     """`block(hidden_states)` without autograd, updating `hidden_states` `(batch, L, hidden)` in place, a chunk
     at a time in scan order.
 
@@ -169,19 +168,19 @@ def update_mamba_block(block: XTMambaBlock, hidden_states: torch.Tensor, chunk: 
     for start in reversed(starts) if block.reverse else starts:
         part = hidden_states[:, start : start + chunk]
         part.copy_(block(part, carry=carry)[0])
-        release_pages(part)
+        storage.release(part)
     return hidden_states
 
 
-def _encode_windows(encoder: XTContextEncoder, tokens: torch.Tensor) -> ContextEncoding:
+def _encode_windows(encoder: XTContextEncoder, tokens: torch.Tensor, storage: InMemory) -> ContextEncoding:
     """`encoder.encode_windows` with the outputs kept beside the tokens (spilled too when they are), each
     window's pages released once written."""
-    outputs = empty_beside(tokens, tuple(tokens.shape))
+    outputs = storage.empty_beside(tokens, tuple(tokens.shape))
     cls_states = []
     chunk = encoder.config.context_token_chunk_size
     for window in encoder.encode_windows(tokens, run_block=lambda block, piece: run_block(block, piece, chunk)):
         outputs[:, window.written] = window.tokens
         cls_states.append(window.cls_state)
-        release_pages(outputs[:, window.written])
-        release_pages(tokens[:, window.finished])
+        storage.release(outputs[:, window.written])
+        storage.release(tokens[:, window.finished])
     return encoder.windows_encoding(outputs, cls_states)

@@ -3,9 +3,10 @@
 Pass one feeds the model's own region loop (`XTRegionEncoder.encode_batches`) from a lazy source and embeds
 each chunk of regions into the context encoder's token sequence as it arrives, so neither the image nor the
 stitched region features ever exist in memory; the context encoder then updates the tokens in place
-(`context.encode_in_place`), optionally spilled to disk. A head that answers from the context is then
-called once (`ContextHead`); a per-region head (`RegionHead`) gets pass two, which re-encodes the regions
-and decodes each with its slice of the context tokens.
+(`context.encode_in_place`), optionally spilled to disk. One driver (`run_scene`) then hands the encoding to
+a task (`heads.py`): a whole-image head answers from it at once; a per-region head reads pass two, which
+re-encodes the regions and decodes each with its slice of the context tokens (`decode_region_batches`, the
+models' own per-region loop).
 """
 
 from __future__ import annotations
@@ -14,26 +15,24 @@ import ctypes
 import ctypes.util
 import os
 from collections.abc import Iterator
-from functools import partial
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..detection_head import detections_from_dense_maps
 from ..modeling_xt import XTModelOutput
-from ..nested_tokenization import RegionIndex, new_stitched_grids, region_grid_shape, stitch_regions
+from ..nested_tokenization import RegionIndex, decode_region_batches, new_stitched_grids, stitch_regions
 from ..region_encoder import RegionBatch
 from .context import encode_in_place, new_token_buffer
-from .heads import ContextHead, RegionHead, require_head
+from .heads import ClassifyScene, DecodeRegions, DetectObjects, SceneTask, SegmentScene, require_head
 from .sources import RegionReader, RegionSource, open_region_source
-from .spill import release_pages
-from .writers import CLASS_MAP_SUFFIXES, check_output_path, write_class_map
+from .spill import InMemory, token_storage
 
 
 def region_reader_for(model, image, processor=None) -> RegionReader:
     """A reader of `image` (a `RegionSource` or anything `open_region_source` reads) that normalises exactly as
     the model's image processor (ImageNet statistics by default), checked against the model's channels."""
+    if isinstance(image, RegionReader):
+        return image
     source = image if hasattr(image, "read") else open_region_source(image, model.config.region_size)
     expected = model.config.backbone_config.num_channels
     if source.channels != expected:
@@ -112,28 +111,33 @@ def encode_context_streaming(
     With `shard_regions` (under torch.distributed), the processes share the region stage and rank 0 alone gets
     the output (the others get `None`): see `_encode_context_across_processes`.
     """
+    return _encode_context(model, region_reader_for(model, image, processor), token_storage(spill_directory),
+                           region_batch_size=region_batch_size, num_workers=num_workers, progress=progress,
+                           shard_regions=shard_regions)
+
+
+def _encode_context(model, reader: RegionReader, storage: InMemory, *, shard_regions: bool = False, **options
+                    ) -> tuple[XTModelOutput | None, tuple[int, int]]:
+    """`encode_context_streaming` of the image `reader` reads, its token buffers in `storage`; `options` those of
+    `region_feed`."""
     xt = model.base_model
     if xt.context_encoder is None:
-        (grid,) = encode_regions_streaming(model, image, processor=processor, region_batch_size=region_batch_size,
-                                           num_workers=num_workers, progress=progress, last_stage_only=True)
+        (grid,) = encode_regions_streaming(model, reader, last_stage_only=True, **options)
         return xt.encode_context([grid]), tuple(grid.shape[-2:])
-    reader = region_reader_for(model, image, processor)
     if shard_regions:
-        return _encode_context_across_processes(model, reader, region_batch_size=region_batch_size,
-                                                num_workers=num_workers, progress=progress,
-                                                spill_directory=spill_directory)
-    feed = region_feed(model, reader, region_batch_size=region_batch_size, num_workers=num_workers, progress=progress)
+        return _encode_context_across_processes(model, reader, storage=storage, **options)
+    feed = region_feed(model, reader, **options)
     encoder, tokens = xt.context_encoder, None
     for flat, embedded, grid_shape in _embedded_regions(model, reader, feed):
         if tokens is None:
             tokens = new_token_buffer(encoder, 1, grid_shape[0] * grid_shape[1], device=embedded.device,
-                                      spill_directory=spill_directory)
+                                      storage=storage)
             grid_tokens = encoder.split_cls(tokens)[0]
         grid_tokens[:, flat] = embedded
-        release_pages(grid_tokens[:, flat.min() : flat.max() + 1])
+        storage.release(grid_tokens[:, flat.min() : flat.max() + 1])
     del embedded
     _return_freed_memory()
-    return xt.output_from_encoding(encode_in_place(encoder, tokens)), grid_shape
+    return xt.output_from_encoding(encode_in_place(encoder, tokens, storage)), grid_shape
 
 
 def _embedded_regions(model, reader: RegionReader, feed: Iterator[RegionBatch]):
@@ -154,7 +158,7 @@ _TOKENS_PER_MESSAGE = 2**16
 
 
 def _encode_context_across_processes(model, reader: RegionReader, *, region_batch_size, num_workers, progress,
-                                     spill_directory):
+                                     storage):
     """The region stage of one image shared between the processes of `torch.distributed` (each takes a contiguous
     share of the regions in row-major order), the embedded tokens sent to rank 0, which alone runs the context
     encoder. Rank 0 returns what `encode_context_streaming` returns; the other ranks return `(None, grid_shape)`.
@@ -188,7 +192,7 @@ def _encode_context_across_processes(model, reader: RegionReader, *, region_batc
             dist.send(flat[start : start + _TOKENS_PER_MESSAGE].contiguous(), dst=0)
             dist.send(embedded[start : start + _TOKENS_PER_MESSAGE].contiguous(), dst=0)
         return None, grid_shape
-    tokens = new_token_buffer(encoder, 1, grid_shape[0] * grid_shape[1], device=device, spill_directory=spill_directory)
+    tokens = new_token_buffer(encoder, 1, grid_shape[0] * grid_shape[1], device=device, storage=storage)
     grid_tokens = encoder.split_cls(tokens)[0]
     grid_tokens[0, flat] = embedded
     del flat, embedded
@@ -202,9 +206,9 @@ def _encode_context_across_processes(model, reader: RegionReader, *, region_batc
             dist.recv(positions, src=source)
             dist.recv(values, src=source)
             grid_tokens[0, positions] = values
-            release_pages(grid_tokens[:, int(positions.min()) : int(positions.max()) + 1])
+            storage.release(grid_tokens[:, int(positions.min()) : int(positions.max()) + 1])
     _return_freed_memory()
-    return model.base_model.output_from_encoding(encode_in_place(encoder, tokens)), grid_shape
+    return model.base_model.output_from_encoding(encode_in_place(encoder, tokens, storage)), grid_shape
 
 
 def _token_cells(index: RegionIndex, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,124 +235,72 @@ def _return_freed_memory() -> None:
 
 
 @torch.inference_mode()
-def predict_streaming(model, image, **options) -> torch.Tensor:
-    """A whole-image head's outputs (`ContextHead`: classification logits `(1, num_labels)`) for one large image
-    read region by region; `options` as `encode_context_streaming`'s (with `shard_regions`, `None` on ranks but 0)."""
-    require_head(model, ContextHead, "Whole-image prediction")
-    output, _ = encode_context_streaming(model, image, **options)
-    return None if output is None else model.logits_from_context(output)
-
-
-@torch.inference_mode()
-def decode_streaming(
+def run_scene(
     model,
     image,
+    task: SceneTask,
     *,
     processor=None,
     region_batch_size: int | None = None,
     num_workers: int = 0,
     progress: bool = False,
     spill_directory: str | os.PathLike | None = None,
-) -> Iterator[tuple[RegionIndex, torch.Tensor]]:
-    """A per-region head's outputs (`RegionHead.decode_regions`) for every region of one large image, in row-major
-    region order, each with its place: pass one encodes the context, pass two re-encodes the regions a chunk at
-    a time and decodes each with its own context tokens (viewed in place, never copied into a grid)."""
-    require_head(model, RegionHead, "Region-by-region decoding")
+    shard_regions: bool = False,
+):
+    """`task`'s answer for one large image read region by region (`heads.py`): the model checked for the head the
+    task needs, the image's reader and the token storage made once, the context encoded once (pass one), then the
+    task given the encoding and every region's head outputs, which a second pass computes as the task reads them
+    (`_decoded_regions`). With `shard_regions` (torch.distributed), ranks other than 0 get None."""
+    require_head(model, task.needs, task.name)
     reader = region_reader_for(model, image, processor)
-    options = dict(region_batch_size=region_batch_size, num_workers=num_workers, progress=progress)
-    encoded, grid_shape = encode_context_streaming(model, reader.source, processor=processor,
-                                                   spill_directory=spill_directory, **options)
-    xt = model.base_model
-    tokens = encoded.last_hidden_state if xt.context_encoder is not None else None
-    token_rows = grid_shape[0] // reader.rows
-    # (rows, h, cols, w, D): each region's context tokens, a view of the sequence.
-    region_tokens = None if tokens is None else tokens[0].view(
-        reader.rows, token_rows, reader.cols, grid_shape[1] // reader.cols, tokens.shape[-1])
+    storage = token_storage(spill_directory)
+    options = {"region_batch_size": region_batch_size, "num_workers": num_workers, "progress": progress}
+    encoded, grid_shape = _encode_context(model, reader, storage, shard_regions=shard_regions, **options)
+    if encoded is None:
+        return None
+    regions = _decoded_regions(model, reader, storage, encoded, grid_shape, **options)
+    return task.answer(model, encoded, regions, (reader.source.height, reader.source.width))
+
+
+def _decoded_regions(model, reader: RegionReader, storage: InMemory, encoded: XTModelOutput,
+                     grid_shape: tuple[int, int], **options) -> Iterator[tuple[RegionIndex, torch.Tensor]]:
+    """Pass two: the regions re-encoded a chunk at a time and decoded (`decode_region_batches`) with their own
+    context tokens, cut from a view of the token sequence (never copied into a grid), whose pages are released
+    once the regions are decoded."""
+    tokens = encoded.last_hidden_state
+    row_tokens = grid_shape[0] // reader.rows * grid_shape[1]  # tokens of one row of regions
     feed = region_feed(model, reader, description="decoded", **options)
-    for index, feature_maps in xt.region_encoder.encode_batches(feed):
-        context = None
-        if region_tokens is not None:
-            context = region_tokens[index.row, :, index.col].permute(0, 3, 1, 2).contiguous()
-            first, last = int(index.row.min()), int(index.row.max()) + 1
-            release_pages(tokens[:, first * token_rows * grid_shape[1] : last * token_rows * grid_shape[1]])
-        yield index, model.decode_regions(list(feature_maps), context)
+    batches = model.base_model.region_encoder.encode_batches(feed)
+    for index, outputs in decode_region_batches(model.decode_regions, batches, model.context_grid(tokens, grid_shape)):
+        storage.release(tokens[:, int(index.row.min()) * row_tokens : (int(index.row.max()) + 1) * row_tokens])
+        yield index, outputs
+
+
+def predict_streaming(model, image, **options) -> torch.Tensor | None:
+    """A whole-image head's outputs (`ContextHead`: classification logits `(1, num_labels)`) for one large image
+    read region by region; `options` as `run_scene`'s (with `shard_regions`, `None` on ranks but 0)."""
+    return run_scene(model, image, ClassifyScene(), **options)
 
 
 @torch.inference_mode()
-def detect_streaming(
-    model,
-    image,
-    *,
-    threshold: float | None = None,
-    processor=None,
-    region_batch_size: int | None = None,
-    num_workers: int = 0,
-    progress: bool = False,
-    spill_directory: str | os.PathLike | None = None,
-) -> dict[str, torch.Tensor]:
-    """Whole-scene object detection of one large image: `{"scores", "labels", "boxes"}`, boxes absolute x1, y1,
-    x2, y2 in the image's pixels.
-
-    Each region's dense maps (`decode_streaming`) give that region's detections at once (`detect_regions`, or
-    `detections_from_dense_maps` with `threshold` instead of the config's), and only those small lists are kept;
-    at the end they are merged across region borders (`merge_detections`: class-wise NMS), the same pieces in
-    the same order as the in-memory forward, so an image that fits gives the same detections either way.
-    """
-    if not hasattr(model, "detect_regions"):
-        raise ValueError(f"Detection needs an object detector (XTForObjectDetection); {type(model).__name__} is not one.")
-    if threshold is None:
-        detect = model.detect_regions
-    else:
-        detect = partial(detections_from_dense_maps, stride=model.config.decoder_output_stride, threshold=threshold,
-                         max_detections=model.config.detection_max_detections)
-    reader = region_reader_for(model, image, processor)
-    region = model.config.region_size
-    found, origins = [], []
-    for index, maps in decode_streaming(model, reader.source, processor=processor, region_batch_size=region_batch_size,
-                                        num_workers=num_workers, progress=progress, spill_directory=spill_directory):
-        found += detect(maps)
-        origins += [(col * region, row * region) for row, col in zip(index.row.tolist(), index.col.tolist())]
-    return model.merge_detections(found, origins, (reader.source.height, reader.source.width))
+def decode_streaming(model, image, **options) -> Iterator[tuple[RegionIndex, torch.Tensor]]:
+    """A per-region head's outputs (`RegionHead.decode_regions`) for every region of one large image, in row-major
+    region order, each with its place; `options` as `run_scene`'s."""
+    yield from run_scene(model, image, DecodeRegions(), **options)
 
 
-@torch.inference_mode()
-def segment_streaming(
-    model,
-    image,
-    output,
-    *,
-    processor=None,
-    region_batch_size: int | None = None,
-    num_workers: int = 0,
-    progress: bool = False,
-    overwrite: bool = False,
-    spill_directory: str | os.PathLike | None = None,
-) -> tuple[int, int]:
-    """Whole-scene segmentation of a large image into a class map on disk: returns the map's `(height, width)`.
+def detect_streaming(model, image, *, threshold: float | None = None, **options) -> dict[str, torch.Tensor]:
+    """Whole-scene object detection of one large image (`DetectObjects`): `{"scores", "labels", "boxes"}`, boxes
+    absolute x1, y1, x2, y2 in the image's pixels, from the same per-region pieces in the same order as the
+    in-memory forward, so an image that fits gives the same detections either way. `options` as `run_scene`'s."""
+    return run_scene(model, image, DetectObjects(threshold), **options)
 
-    The argmax of every region's logits (`decode_streaming`) goes straight into `output`: a `.zarr` directory
-    or a tiled `.tif`, uint8 (uint16 beyond 256 classes), at `1 / decoder_output_stride` of the input
-    resolution. The output is checked before any work; an existing one is refused unless `overwrite`.
-    """
-    require_head(model, RegionHead, "Segmentation")
-    output = check_output_path(output, suffixes=CLASS_MAP_SUFFIXES, overwrite=overwrite)
-    stride = model.config.decoder_output_stride
-    side = model.config.region_size // stride
-    if output.suffix.lower() != ".zarr" and side % 16:
-        raise ValueError(f"Tiled TIFF tiles must be multiples of 16 px; region_size / stride is {side}: use .zarr.")
-    reader = region_reader_for(model, image, processor)
-    shape = region_grid_shape(reader.source.height, reader.source.width, stride)
-    dtype = np.uint8 if model.config.num_labels <= 256 else np.uint16
-    regions = decode_streaming(model, reader.source, processor=processor, region_batch_size=region_batch_size,
-                               num_workers=num_workers, progress=progress, spill_directory=spill_directory)
-    tiles = (
-        (row, col, mask)
-        for index, logits in regions
-        for row, col, mask in zip(index.row.tolist(), index.col.tolist(),
-                                  logits.argmax(dim=1).cpu().numpy().astype(dtype))
-    )
-    write_class_map(output, tiles, shape=shape, tile_side=side, dtype=dtype)
-    return shape
+
+def segment_streaming(model, image, output, *, overwrite: bool = False, **options) -> tuple[int, int]:
+    """Whole-scene segmentation of a large image into a class map on disk (`SegmentScene`: a `.zarr` directory or
+    a tiled `.tif`, checked before any work, an existing one refused unless `overwrite`): returns the map's
+    `(height, width)`. `options` as `run_scene`'s."""
+    return run_scene(model, image, SegmentScene(model, output, overwrite=overwrite), **options)
 
 
 __all__ = [
@@ -360,5 +312,6 @@ __all__ = [
     "predict_streaming",
     "region_feed",
     "region_reader_for",
+    "run_scene",
     "segment_streaming",
 ]

@@ -1,0 +1,56 @@
+"""The engine and the heads on one contract: one per-region decode loop, one driver for every task, spill state
+passed as an object (issue 26). Checked on the source text."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from xt_hf import XTForImageClassification, XTForObjectDetection, XTForSemanticSegmentation
+from xt_hf.engine.heads import ClassifyScene, DetectObjects, RegionHead, require_head
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "xt_hf"
+
+
+def calls(path: Path) -> list[ast.Call]:
+    return [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)]
+
+
+def test_no_engine_code_asks_the_model_what_it_has():
+    """Tasks say which head they need (`heads.py`); nothing dispatches on `hasattr(model, ...)`."""
+    offenders = [f"{path.name}:{call.lineno}" for path in (SRC / "engine").glob("*.py") for call in calls(path)
+                 if ast.unparse(call.func) == "hasattr" and "model" in ast.unparse(call.args[0])]
+    assert not offenders
+
+
+def test_regions_are_decoded_by_one_loop():
+    """`decode_regions` is called only by `nested_tokenization.decode_region_batches`: the models and the engine
+    pass it there instead of writing their own loop."""
+    offenders = [f"{path.relative_to(SRC)}:{call.lineno}" for path in SRC.rglob("*.py") for call in calls(path)
+                 if isinstance(call.func, ast.Attribute) and call.func.attr == "decode_regions"]
+    assert not offenders
+
+
+@pytest.mark.parametrize("task, model_class, fits", [
+    (ClassifyScene(), XTForImageClassification, True),
+    (ClassifyScene(), XTForSemanticSegmentation, False),
+    (DetectObjects(), XTForObjectDetection, True),
+    (DetectObjects(), XTForSemanticSegmentation, False),
+])
+def test_each_task_names_the_head_it_needs(task, model_class, fits):
+    model = model_class(tiny_config(classifier="pool"))
+    if fits:
+        require_head(model, task.needs, task.name)
+        return
+    with pytest.raises(ValueError, match=f"{task.name} needs"):
+        require_head(model, task.needs, task.name)
+
+
+def test_segmenters_and_detectors_are_region_heads():
+    for model_class in (XTForSemanticSegmentation, XTForObjectDetection):
+        assert isinstance(model_class(tiny_config(classifier="pool")), RegionHead)
+    assert not isinstance(torch.nn.Linear(1, 1), RegionHead)
