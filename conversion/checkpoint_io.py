@@ -161,7 +161,7 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state_dict, dict) or not state_dict:
         raise CheckpointError(f"{path} holds no state dict (found {type(payload).__name__}).")
     if {"pixel_values", "logits"} <= state_dict.keys():
-        raise CheckpointError(f"{path} holds `pixel_values` and `logits`: it is a --verify file, not a checkpoint.")
+        raise CheckpointError(_holds_verify_outputs(path))
     tensors = {}
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
@@ -194,6 +194,10 @@ def _not_a_checkpoint(path: Path) -> str:
             f".ckpt as --checkpoint.")
 
 
+def _holds_verify_outputs(path: Path) -> str:
+    return f"{path} holds `pixel_values` and `logits`: it is a --verify file, not a checkpoint."
+
+
 def _safetensors_is_not_a_checkpoint(path: Path) -> str:
     from safetensors import safe_open
 
@@ -203,12 +207,12 @@ def _safetensors_is_not_a_checkpoint(path: Path) -> str:
     except Exception:  # noqa: BLE001 - a damaged header: still a safetensors file, not a checkpoint
         names = set()
     if {"pixel_values", "logits"} <= names:
-        return f"{path} holds `pixel_values` and `logits`: it is a --verify file, not a checkpoint."
+        return _holds_verify_outputs(path)
     return f"{path} is {describe_file(path)}, not a PyTorch checkpoint: pass the original .ckpt as --checkpoint."
 
 
 def _unreadable(path: Path, error: BaseException) -> str:
-    if file_kind(path) in ("JSON", "safetensors", "text"):
+    if file_kind(path) in ("JSON", "text"):
         return f"{path} is {describe_file(path)}, not a PyTorch checkpoint: pass the original .ckpt as --checkpoint."
     return f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {_torch_reason(error)}"
 
