@@ -54,3 +54,29 @@ def test_segmenters_and_detectors_are_region_heads():
     for model_class in (XTForSemanticSegmentation, XTForObjectDetection):
         assert isinstance(model_class(tiny_config(classifier="pool")), RegionHead)
     assert not isinstance(torch.nn.Linear(1, 1), RegionHead)
+
+
+def test_stitching_is_written_once():
+    """`stitch_batches` is the one place that allocates stitched grids and writes regions into them: the region
+    encoder, the segmentation decoder and the engine call it."""
+    offenders = [f"{path.relative_to(SRC)}:{call.lineno}" for path in SRC.rglob("*.py") for call in calls(path)
+                 if ast.unparse(call.func).endswith("stitch_regions") and path.name != "nested_tokenization.py"]
+    assert not offenders
+
+
+def test_engine_options_are_one_object():
+    """The engine's run options are declared once (`SceneOptions`); a misspelt one names itself and the options."""
+    from xt_hf.engine import predict_streaming
+    from xt_hf.engine.scene import SceneOptions
+
+    model = XTForImageClassification(tiny_config(num_labels=3)).eval()
+    with pytest.raises(TypeError, match=r"region_bach_size.*region_batch_size"):
+        predict_streaming(model, torch.rand(3, 64, 64).numpy(), region_bach_size=2)
+    options = SceneOptions(region_batch_size=2)
+    assert SceneOptions.of(options, num_workers=1) == SceneOptions(region_batch_size=2, num_workers=1)
+    assert options.region_batch_size_for(model) == 2
+    assert SceneOptions().region_batch_size_for(model) == model.config.region_batch_size
+    for function in ("run_scene", "encode_context_streaming", "encode_regions_streaming", "predict_streaming"):
+        parameters = ast.unparse(next(node for node in ast.walk(ast.parse((SRC / "engine" / "scene.py").read_text()))
+                                      if isinstance(node, ast.FunctionDef) and node.name == function).args)
+        assert "num_workers" not in parameters and "spill_directory" not in parameters, function

@@ -30,11 +30,10 @@ from .nested_tokenization import (
     RegionIndex,
     decode_region_batches,
     nested_tokenize,
-    new_stitched_grids,
     pad_to_region_multiple,
     region_batches,
     region_grid_shape,
-    stitch_regions,
+    stitch_batches,
 )
 from .region_encoder import XTRegionEncoder
 from .region_presence import XTRegionPresenceHead, presence_from_boxes, presence_from_masks, region_presence_loss
@@ -485,13 +484,14 @@ class XTRegionDecoderModel(XTPreTrainedModel):
         batch, device = region_feature_maps[0].shape[0], region_feature_maps[0].device
         indexes = (index.to(device) for index in region_batches(batch, rows, cols, self.config.region_batch_size))
         batches = ((index, [nested_tokenize(stage, index) for stage in region_feature_maps]) for index in indexes)
-        stitched = None
-        for index, outputs in decode_region_batches(self.decode_regions, batches, context):
-            if stitched is None:
-                (stitched,) = new_stitched_grids((outputs,), batch, rows, cols)
-            stitch_regions(stitched, index, outputs)
-            if each is not None:
-                each(index, outputs)
+
+        def decoded():
+            for index, outputs in decode_region_batches(self.decode_regions, batches, context):
+                if each is not None:
+                    each(index, outputs)
+                yield index, (outputs,)
+
+        (stitched,) = stitch_batches(decoded(), batch, rows, cols)
         return stitched
 
     def at_output_resolution(self, region_maps: torch.Tensor) -> torch.Tensor:

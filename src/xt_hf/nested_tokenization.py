@@ -111,7 +111,15 @@ def region_batches(
         yield RegionIndex(*region_index(order[start : start + step], rows, cols), rows, cols)
 
 
-def new_stitched_grids(feature_maps: tuple[torch.Tensor, ...], batch: int, rows: int, cols: int) -> list[torch.Tensor]:
-    """Uninitialised `(batch, C_s, rows·h_s, cols·w_s)` grids shaped after one batch of regions' `(n, C_s, h_s, w_s)`
-    maps, for `stitch_regions` to fill."""
-    return [f.new_empty(batch, f.shape[1], rows * f.shape[2], cols * f.shape[3]) for f in feature_maps]
+def stitch_batches(batches: Iterable[tuple[RegionIndex, Sequence[torch.Tensor]]], batch: int, rows: int, cols: int
+                   ) -> list[torch.Tensor]:
+    """Every batch of regions' maps `(index, (n, C_s, h_s, w_s) per stage)` written into one stitched
+    `(batch, C_s, rows·h_s, cols·w_s)` grid per stage, allocated from the first batch's shapes: the one stitching
+    step of the region encoder, the decoders and the engine."""
+    stitched = None
+    for index, maps in batches:
+        if stitched is None:
+            stitched = [m.new_empty(batch, m.shape[1], rows * m.shape[2], cols * m.shape[3]) for m in maps]
+        for grid, regions in zip(stitched, maps):
+            stitch_regions(grid, index, regions)
+    return stitched

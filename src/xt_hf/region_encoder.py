@@ -12,7 +12,7 @@ from transformers import AutoBackbone
 from transformers.models.hiera.modeling_hiera import unroll as hiera_unroll
 
 from .configuration_xt import XTConfig
-from .nested_tokenization import RegionIndex, nested_tokenize, new_stitched_grids, region_batches, stitch_regions
+from .nested_tokenization import RegionIndex, nested_tokenize, region_batches, stitch_batches
 from .swinv2_attention import set_swinv2_attention
 
 
@@ -52,13 +52,8 @@ class XTRegionEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, rows: int, cols: int) -> list[torch.Tensor]:
         """`(batch, C, rows·R, cols·R)` → one stitched `(batch, C_s, rows·h_s, cols·w_s)` map per stage."""
-        stitched = None
-        for index, feature_maps in self.encode_batches(self.region_feed(pixel_values, rows, cols)):
-            if stitched is None:
-                stitched = new_stitched_grids(feature_maps, pixel_values.shape[0], rows, cols)
-            for grid, features in zip(stitched, feature_maps):
-                stitch_regions(grid, index, features)
-        return stitched
+        return stitch_batches(self.encode_batches(self.region_feed(pixel_values, rows, cols)), pixel_values.shape[0],
+                              rows, cols)
 
     def region_feed(self, pixel_values: torch.Tensor, rows: int, cols: int) -> Iterator[RegionBatch]:
         """The regions of an in-memory padded image, `region_batch_size` at a time, in image-major row-major

@@ -218,7 +218,11 @@ def run_many(arguments: argparse.Namespace, *, command: str, auto_class, columns
         sys.exit(1)
 
 
-def streaming_options(arguments: argparse.Namespace) -> dict:
-    """The engine's keyword arguments for the whole-scene options, without a progress bar (the batch has one)."""
-    return dict(region_batch_size=arguments.region_batch_size, num_workers=arguments.num_workers, progress=False,
-                spill_directory=arguments.spill_dir)
+def scene_options(arguments: argparse.Namespace, processor, *, progress: bool):
+    """The engine's `SceneOptions` from the whole-scene flags; an unset `--region-batch-size` stays None, so the
+    engine uses the model's saved value."""
+    from xt_hf.engine.scene import SceneOptions
+
+    return SceneOptions(processor=processor, region_batch_size=arguments.region_batch_size,
+                        num_workers=arguments.num_workers, progress=progress, spill_directory=arguments.spill_dir,
+                        shard_regions=getattr(arguments, "shard_regions", False))

@@ -6,7 +6,7 @@ import argparse
 import resource
 import time
 
-from .common import add_streaming_arguments, fail, load_streaming_model, open_input
+from .common import add_streaming_arguments, fail, load_streaming_model, open_input, scene_options
 
 
 def add_parser(subparsers) -> None:
@@ -38,11 +38,8 @@ def run(arguments: argparse.Namespace) -> None:
     source = open_input(source, model.config.region_size)
     start = time.perf_counter()
     try:
-        detections = detect_streaming(
-            model, source, threshold=arguments.threshold, processor=processor,
-            region_batch_size=arguments.region_batch_size, num_workers=arguments.num_workers, progress=True,
-            spill_directory=arguments.spill_dir,
-        )
+        detections = detect_streaming(model, source, scene_options(arguments, processor, progress=True),
+                                      threshold=arguments.threshold)
     except ValueError as error:
         fail(str(error))
     write_detections(output, detections["boxes"].numpy(), detections["scores"].numpy(), detections["labels"].numpy(),

@@ -11,8 +11,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (add_inputs_argument, add_overwrite_argument, add_streaming_arguments, fail, is_table, run_many,
-                     streaming_options)
+from .common import (
+    add_inputs_argument,
+    add_overwrite_argument,
+    add_streaming_arguments,
+    fail,
+    is_table,
+    run_many,
+    scene_options,
+)
 
 COLUMNS = {"path": "string", "embedding": "list<float32>", "tokens": "string", "seconds": "float64",
            "error": "string"}
@@ -53,8 +60,8 @@ def run(arguments: argparse.Namespace) -> None:
         names = output_names(images, ".safetensors")
 
         def work(image: str) -> dict:
-            output, (rows, cols) = encode_context_streaming(model, image, processor=processor,
-                                                            **streaming_options(arguments))
+            output, (rows, cols) = encode_context_streaming(model, image,
+                                                            scene_options(arguments, processor, progress=False))
             row = {"embedding": output.pooler_output[0].float().cpu().tolist(), "tokens": None}
             if folder is not None:
                 tokens = output.last_hidden_state[0].float().cpu().reshape(rows, cols, -1).contiguous()

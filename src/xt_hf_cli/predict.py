@@ -22,7 +22,7 @@ from .common import (
     open_input,
     positive_int,
     run_many,
-    streaming_options,
+    scene_options,
 )
 
 COLUMNS = {"path": "string", "labels": "list<string>", "scores": "list<float64>", "seconds": "float64",
@@ -69,7 +69,7 @@ def _work(arguments: argparse.Namespace, model, processor):
     from xt_hf.engine import predict_streaming
 
     def work(image: str) -> dict:
-        logits = predict_streaming(model, image, processor=processor, **streaming_options(arguments))
+        logits = predict_streaming(model, image, scene_options(arguments, processor, progress=False))
         probabilities = logits.float().softmax(-1)[0]
         top = probabilities.topk(min(arguments.top_k, probabilities.numel()))
         return {"labels": [model.config.id2label[int(i)] for i in top.indices],
@@ -100,9 +100,7 @@ def run_one(arguments: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     try:
-        logits = predict_streaming(model, source, processor=processor, region_batch_size=arguments.region_batch_size,
-                                   num_workers=arguments.num_workers, progress=not arguments.json,
-                                   spill_directory=arguments.spill_dir, shard_regions=arguments.shard_regions)
+        logits = predict_streaming(model, source, scene_options(arguments, processor, progress=not arguments.json))
     except ValueError as error:
         fail(str(error))
     if logits is None:  # a rank other than 0 of --shard-regions: its regions went to rank 0

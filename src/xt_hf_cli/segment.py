@@ -11,8 +11,17 @@ import resource
 import time
 from pathlib import Path
 
-from .common import (add_inputs_argument, add_overwrite_argument, add_streaming_arguments, fail, is_table,
-                     load_streaming_model, open_input, run_many, streaming_options)
+from .common import (
+    add_inputs_argument,
+    add_overwrite_argument,
+    add_streaming_arguments,
+    fail,
+    is_table,
+    load_streaming_model,
+    open_input,
+    run_many,
+    scene_options,
+)
 
 COLUMNS = {"path": "string", "mask": "string", "height": "int64", "width": "int64", "seconds": "float64",
            "error": "string"}
@@ -66,8 +75,8 @@ def run_masks(arguments: argparse.Namespace) -> None:
             # An input not done yet (killed halfway, say) has its earlier mask replaced.
             target = folder / names[image]
             with atomic_write(target) as partial:
-                height, width = segment_streaming(model, image, partial, processor=processor, overwrite=True,
-                                                  **streaming_options(arguments))
+                height, width = segment_streaming(model, image, partial, scene_options(arguments, processor,
+                                                                                       progress=False), overwrite=True)
             return {"mask": str(target), "height": height, "width": width}
 
         return work
@@ -92,11 +101,9 @@ def run_one(arguments: argparse.Namespace) -> None:
     source = open_input(source, model.config.region_size)
     start = time.perf_counter()
     try:
-        height, width = segment_streaming(
-            model, source, arguments.output, processor=processor,
-            region_batch_size=arguments.region_batch_size, num_workers=arguments.num_workers, progress=True,
-            overwrite=arguments.overwrite, spill_directory=arguments.spill_dir,
-        )
+        height, width = segment_streaming(model, source, arguments.output,
+                                          scene_options(arguments, processor, progress=True),
+                                          overwrite=arguments.overwrite)
     except ValueError as error:
         fail(str(error))
     seconds = time.perf_counter() - start

@@ -13,19 +13,53 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..modeling_xt import XTModelOutput
-from ..nested_tokenization import RegionIndex, decode_region_batches, new_stitched_grids, stitch_regions
+from ..nested_tokenization import RegionIndex, decode_region_batches, stitch_batches
 from ..region_encoder import RegionBatch
 from .context import encode_in_place, new_token_buffer
 from .heads import ClassifyScene, DecodeRegions, DetectObjects, SceneTask, SegmentScene, require_head
 from .sources import RegionReader, RegionSource, open_region_source
 from .spill import InMemory, token_storage
+
+
+@dataclass(frozen=True)
+class SceneOptions:
+    """How the engine runs one scene; none of these changes the outputs. Every engine function takes them as
+    keyword arguments (`run_scene(model, image, task, region_batch_size=8)`) and hands this one object on."""
+
+    processor: object = None
+    """The model's image processor, whose normalisation the reader applies (None: ImageNet statistics)."""
+    region_batch_size: int | None = None
+    """Regions encoded at a time; None: the model's saved `config.region_batch_size` (the config class's
+    default when that says None, since holding a whole scene is what streaming avoids)."""
+    num_workers: int = 0
+    """Processes that read regions ahead."""
+    progress: bool = False
+    """A progress bar over the region batches."""
+    spill_directory: str | os.PathLike | None = None
+    """Keep the token buffers in files there (`spill.Spill`) instead of memory."""
+    shard_regions: bool = False
+    """Share the region stage between the processes of torch.distributed (rank 0 alone gets the answer)."""
+
+    @classmethod
+    def of(cls, options: SceneOptions | None = None, **changes) -> SceneOptions:
+        """`options` (or the defaults) with `changes`; an unknown name is a `TypeError` that names it."""
+        unknown = sorted(set(changes) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"Unknown engine option(s) {', '.join(unknown)}; the options are "
+                            f"{', '.join(field.name for field in dataclasses.fields(cls))}.")
+        return dataclasses.replace(options or cls(), **changes)
+
+    def region_batch_size_for(self, model) -> int:
+        return self.region_batch_size or model.config.region_batch_size or type(model.config).region_batch_size
 
 
 def region_reader_for(model, image, processor=None) -> RegionReader:
@@ -44,18 +78,14 @@ def region_reader_for(model, image, processor=None) -> RegionReader:
     return RegionReader(source, model.config.region_size, **settings)
 
 
-def region_feed(model, reader: RegionReader, *, region_batch_size: int | None = None, num_workers: int = 0,
-                progress: bool = False, description: str = "regions", regions: range | None = None,
-                ) -> Iterator[RegionBatch]:
+def region_feed(model, reader: RegionReader, options: SceneOptions | None = None, *, description: str = "regions",
+                regions: range | None = None) -> Iterator[RegionBatch]:
     """The lazy feed of the model's region loop: regions read from disk in row-major order (all, or the numbers in
-    `regions`), `region_batch_size` at a time (read ahead by `num_workers` processes), on the model's device and
-    dtype. `region_batch_size=None` takes the model's `config.region_batch_size`; a config that says None (all
-    regions at once, in memory) streams the config class's default instead, since holding a whole scene is what
-    streaming avoids."""
+    `regions`), `options.region_batch_size` at a time, on the model's device and dtype."""
+    options = options or SceneOptions()
     parameter = next(model.parameters())
-    batch_size = region_batch_size or model.config.region_batch_size or type(model.config).region_batch_size
-    batches = reader.batches(batch_size, num_workers, regions)
-    if progress:
+    batches = reader.batches(options.region_batch_size_for(model), options.num_workers, regions)
+    if options.progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, total=len(batches), unit="batch", desc=f"{len(reader)} {description}")
@@ -65,44 +95,27 @@ def region_feed(model, reader: RegionReader, *, region_batch_size: int | None = 
 
 
 @torch.inference_mode()
-def encode_regions_streaming(
-    model,
-    image,
-    *,
-    processor=None,
-    region_batch_size: int | None = None,
-    num_workers: int = 0,
-    progress: bool = False,
-    last_stage_only: bool = False,
-) -> list[torch.Tensor]:
+def encode_regions_streaming(model, image, options: SceneOptions | None = None, *, last_stage_only: bool = False,
+                             **changes) -> list[torch.Tensor]:
     """Stitched `(1, C_s, rows·h_s, cols·w_s)` maps of every `out_features` stage for one large image
-    (only the deepest with `last_stage_only`: the shallow stages of a whole scene can be far larger)."""
-    reader = region_reader_for(model, image, processor)
-    feed = region_feed(model, reader, region_batch_size=region_batch_size, num_workers=num_workers, progress=progress)
-    stitched = None
-    for index, feature_maps in model.base_model.region_encoder.encode_batches(feed):
-        feature_maps = feature_maps[-1:] if last_stage_only else feature_maps
-        if stitched is None:
-            stitched = new_stitched_grids(feature_maps, 1, reader.rows, reader.cols)
-        for grid, features in zip(stitched, feature_maps):
-            stitch_regions(grid, index, features)
-    return stitched
+    (only the deepest with `last_stage_only`: the shallow stages of a whole scene can be far larger); how it runs:
+    `options` with `changes` (`SceneOptions`)."""
+    options = SceneOptions.of(options, **changes)
+    return _stitched_stages(model, region_reader_for(model, image, options.processor), options, last_stage_only)
+
+
+def _stitched_stages(model, reader: RegionReader, options: SceneOptions, last_stage_only: bool) -> list[torch.Tensor]:
+    batches = model.base_model.region_encoder.encode_batches(region_feed(model, reader, options))
+    if last_stage_only:
+        batches = ((index, feature_maps[-1:]) for index, feature_maps in batches)
+    return stitch_batches(batches, 1, reader.rows, reader.cols)
 
 
 @torch.inference_mode()
-def encode_context_streaming(
-    model,
-    image,
-    *,
-    processor=None,
-    region_batch_size: int | None = None,
-    num_workers: int = 0,
-    progress: bool = False,
-    spill_directory: str | os.PathLike | None = None,
-    shard_regions: bool = False,
-) -> tuple[XTModelOutput | None, tuple[int, int]]:
+def encode_context_streaming(model, image, options: SceneOptions | None = None, **changes
+                             ) -> tuple[XTModelOutput | None, tuple[int, int]]:
     """`XTModel`'s output for one large image read region by region, and the deepest stage's stitched grid
-    size `(H_S, W_S)`.
+    size `(H_S, W_S)`; how it runs: `options` with `changes` (`SceneOptions`).
 
     Memory holds the model, one chunk of regions and the tokens. With `spill_directory` (CPU), the tokens and
     the attention blocks' buffer of heads' outputs live in files there instead, and memory holds chunks
@@ -111,22 +124,21 @@ def encode_context_streaming(
     With `shard_regions` (under torch.distributed), the processes share the region stage and rank 0 alone gets
     the output (the others get `None`): see `_encode_context_across_processes`.
     """
-    return _encode_context(model, region_reader_for(model, image, processor), token_storage(spill_directory),
-                           region_batch_size=region_batch_size, num_workers=num_workers, progress=progress,
-                           shard_regions=shard_regions)
+    options = SceneOptions.of(options, **changes)
+    reader = region_reader_for(model, image, options.processor)
+    return _encode_context(model, reader, token_storage(options.spill_directory), options)
 
 
-def _encode_context(model, reader: RegionReader, storage: InMemory, *, shard_regions: bool = False, **options
+def _encode_context(model, reader: RegionReader, storage: InMemory, options: SceneOptions
                     ) -> tuple[XTModelOutput | None, tuple[int, int]]:
-    """`encode_context_streaming` of the image `reader` reads, its token buffers in `storage`; `options` those of
-    `region_feed`."""
+    """`encode_context_streaming` of the image `reader` reads, its token buffers in `storage`."""
     xt = model.base_model
     if xt.context_encoder is None:
-        (grid,) = encode_regions_streaming(model, reader, last_stage_only=True, **options)
+        (grid,) = _stitched_stages(model, reader, options, last_stage_only=True)
         return xt.encode_context([grid]), tuple(grid.shape[-2:])
-    if shard_regions:
-        return _encode_context_across_processes(model, reader, storage=storage, **options)
-    feed = region_feed(model, reader, **options)
+    if options.shard_regions:
+        return _encode_context_across_processes(model, reader, storage, options)
+    feed = region_feed(model, reader, options)
     encoder, tokens = xt.context_encoder, None
     for flat, embedded, grid_shape in _embedded_regions(model, reader, feed):
         if tokens is None:
@@ -157,8 +169,7 @@ def _embedded_regions(model, reader: RegionReader, feed: Iterator[RegionBatch]):
 _TOKENS_PER_MESSAGE = 2**16
 
 
-def _encode_context_across_processes(model, reader: RegionReader, *, region_batch_size, num_workers, progress,
-                                     storage):
+def _encode_context_across_processes(model, reader: RegionReader, storage: InMemory, options: SceneOptions):
     """The region stage of one image shared between the processes of `torch.distributed` (each takes a contiguous
     share of the regions in row-major order), the embedded tokens sent to rank 0, which alone runs the context
     encoder. Rank 0 returns what `encode_context_streaming` returns; the other ranks return `(None, grid_shape)`.
@@ -172,8 +183,8 @@ def _encode_context_across_processes(model, reader: RegionReader, *, region_batc
     rank, world = dist.get_rank(), dist.get_world_size()
     total = reader.rows * reader.cols
     share = range(rank * total // world, (rank + 1) * total // world)
-    feed = region_feed(model, reader, region_batch_size=region_batch_size, num_workers=num_workers,
-                       progress=progress and rank == 0, regions=share)
+    feed = region_feed(model, reader, SceneOptions.of(options, progress=options.progress and rank == 0),
+                       regions=share)
     pieces = list(_embedded_regions(model, reader, feed))
     device = next(model.parameters()).device
     grid_shape = pieces[0][2] if pieces else None
@@ -235,76 +246,70 @@ def _return_freed_memory() -> None:
 
 
 @torch.inference_mode()
-def run_scene(
-    model,
-    image,
-    task: SceneTask,
-    *,
-    processor=None,
-    region_batch_size: int | None = None,
-    num_workers: int = 0,
-    progress: bool = False,
-    spill_directory: str | os.PathLike | None = None,
-    shard_regions: bool = False,
-):
+def run_scene(model, image, task: SceneTask, options: SceneOptions | None = None, **changes):
     """`task`'s answer for one large image read region by region (`heads.py`): the model checked for the head the
     task needs, the image's reader and the token storage made once, the context encoded once (pass one), then the
     task given the encoding and every region's head outputs, which a second pass computes as the task reads them
-    (`_decoded_regions`). With `shard_regions` (torch.distributed), ranks other than 0 get None."""
+    (`_decoded_regions`). How it runs: `options` (a `SceneOptions`) with `changes`, e.g. `region_batch_size=8`; with
+    `shard_regions` (torch.distributed), ranks other than 0 get None."""
+    options = SceneOptions.of(options, **changes)
     require_head(model, task.needs, task.name)
-    reader = region_reader_for(model, image, processor)
-    storage = token_storage(spill_directory)
-    options = {"region_batch_size": region_batch_size, "num_workers": num_workers, "progress": progress}
-    encoded, grid_shape = _encode_context(model, reader, storage, shard_regions=shard_regions, **options)
+    reader = region_reader_for(model, image, options.processor)
+    storage = token_storage(options.spill_directory)
+    encoded, grid_shape = _encode_context(model, reader, storage, options)
     if encoded is None:
         return None
-    regions = _decoded_regions(model, reader, storage, encoded, grid_shape, **options)
+    regions = _decoded_regions(model, reader, storage, encoded, grid_shape, options)
     return task.answer(model, encoded, regions, (reader.source.height, reader.source.width))
 
 
 def _decoded_regions(model, reader: RegionReader, storage: InMemory, encoded: XTModelOutput,
-                     grid_shape: tuple[int, int], **options) -> Iterator[tuple[RegionIndex, torch.Tensor]]:
+                     grid_shape: tuple[int, int], options: SceneOptions) -> Iterator[tuple[RegionIndex, torch.Tensor]]:
     """Pass two: the regions re-encoded a chunk at a time and decoded (`decode_region_batches`) with their own
     context tokens, cut from a view of the token sequence (never copied into a grid), whose pages are released
     once the regions are decoded."""
     tokens = encoded.last_hidden_state
     row_tokens = grid_shape[0] // reader.rows * grid_shape[1]  # tokens of one row of regions
-    feed = region_feed(model, reader, description="decoded", **options)
+    feed = region_feed(model, reader, options, description="decoded")
     batches = model.base_model.region_encoder.encode_batches(feed)
     for index, outputs in decode_region_batches(model.decode_regions, batches, model.context_grid(tokens, grid_shape)):
         storage.release(tokens[:, int(index.row.min()) * row_tokens : (int(index.row.max()) + 1) * row_tokens])
         yield index, outputs
 
 
-def predict_streaming(model, image, **options) -> torch.Tensor | None:
+def predict_streaming(model, image, options: SceneOptions | None = None, **changes) -> torch.Tensor | None:
     """A whole-image head's outputs (`ContextHead`: classification logits `(1, num_labels)`) for one large image
-    read region by region; `options` as `run_scene`'s (with `shard_regions`, `None` on ranks but 0)."""
-    return run_scene(model, image, ClassifyScene(), **options)
+    read region by region; `options` and `changes` as `run_scene`'s (with `shard_regions`, `None` on ranks but 0)."""
+    return run_scene(model, image, ClassifyScene(), options, **changes)
 
 
 @torch.inference_mode()
-def decode_streaming(model, image, **options) -> Iterator[tuple[RegionIndex, torch.Tensor]]:
+def decode_streaming(model, image, options: SceneOptions | None = None, **changes
+                     ) -> Iterator[tuple[RegionIndex, torch.Tensor]]:
     """A per-region head's outputs (`RegionHead.decode_regions`) for every region of one large image, in row-major
-    region order, each with its place; `options` as `run_scene`'s."""
-    yield from run_scene(model, image, DecodeRegions(), **options)
+    region order, each with its place; `options` and `changes` as `run_scene`'s."""
+    yield from run_scene(model, image, DecodeRegions(), options, **changes)
 
 
-def detect_streaming(model, image, *, threshold: float | None = None, **options) -> dict[str, torch.Tensor]:
+def detect_streaming(model, image, options: SceneOptions | None = None, *, threshold: float | None = None, **changes
+                     ) -> dict[str, torch.Tensor]:
     """Whole-scene object detection of one large image (`DetectObjects`): `{"scores", "labels", "boxes"}`, boxes
     absolute x1, y1, x2, y2 in the image's pixels, from the same per-region pieces in the same order as the
-    in-memory forward, so an image that fits gives the same detections either way. `options` as `run_scene`'s."""
-    return run_scene(model, image, DetectObjects(threshold), **options)
+    in-memory forward, so an image that fits gives the same detections either way. `options` and `changes` as `run_scene`'s."""
+    return run_scene(model, image, DetectObjects(threshold), options, **changes)
 
 
-def segment_streaming(model, image, output, *, overwrite: bool = False, **options) -> tuple[int, int]:
+def segment_streaming(model, image, output, options: SceneOptions | None = None, *, overwrite: bool = False,
+                      **changes) -> tuple[int, int]:
     """Whole-scene segmentation of a large image into a class map on disk (`SegmentScene`: a `.zarr` directory or
     a tiled `.tif`, checked before any work, an existing one refused unless `overwrite`): returns the map's
-    `(height, width)`. `options` as `run_scene`'s."""
-    return run_scene(model, image, SegmentScene(model, output, overwrite=overwrite), **options)
+    `(height, width)`. `options` and `changes` as `run_scene`'s."""
+    return run_scene(model, image, SegmentScene(model, output, overwrite=overwrite), options, **changes)
 
 
 __all__ = [
     "RegionSource",
+    "SceneOptions",
     "decode_streaming",
     "detect_streaming",
     "encode_context_streaming",
