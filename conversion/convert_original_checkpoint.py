@@ -1,6 +1,6 @@
 """Convert a released xT checkpoint into a Hub-ready transformers repo, and prove it equal to the original.
 
-    python conversion/convert_original_checkpoint.py --checkpoint swin-t-mamba-512-256-top1.ckpt \\
+    python -m conversion.convert_original_checkpoint --checkpoint swin-t-mamba-512-256-top1.ckpt \\
         --variant swin-t-mamba-512-256 --output xt-swin-t-mamba --verify io.safetensors
 
 Steps: read the checkpoint safely (tensors only) → build the XTConfig of the variant → rename every key
@@ -40,6 +40,9 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+if __package__ in (None, ""):
+    sys.exit(f"Run this as a module from the repository root: python -m conversion.{Path(__file__).stem} ...")
+
 if __name__ == "__main__":
     # Help and usage errors answer before torch and xt_hf are imported below (seconds; over a minute on a busy
     # machine); `main` parses the same arguments again.
@@ -47,10 +50,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-if __package__ in (None, ""):  # run as a script: make `conversion` importable from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conversion.checkpoint_io import (  # noqa: E402
+from .checkpoint_io import (  # noqa: E402
     CheckpointError,
     check_finite,
     describe_file,
@@ -59,9 +59,9 @@ from conversion.checkpoint_io import (  # noqa: E402
     load_original_state_dict,
     non_finite_entries,
 )
-from conversion.key_mapping import MappingContext, MappingReport, check_against_model, map_state_dict, rules_for  # noqa: E402
-from conversion.model_card import render_model_card  # noqa: E402
-from conversion.original_config import (  # noqa: E402
+from .key_mapping import MappingContext, MappingReport, check_against_model, map_state_dict, rules_for  # noqa: E402
+from .model_card import render_model_card  # noqa: E402
+from .original_config import (  # noqa: E402
     ConfigError,
     check_model_config,
     read_model_config,

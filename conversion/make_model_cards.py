@@ -1,6 +1,6 @@
 """Regenerate `modeling/<hub_name>/{README.md, config.json}` for every variant in `variants.json`.
 
-    python conversion/make_model_cards.py [--check]
+    python -m conversion.make_model_cards [--check]
 
 The cards and configs are generated from the same registry and config builder as the conversion, so
 they cannot drift from what `convert_original_checkpoint.py` writes. `--check` fails if any file is stale.
@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(f"Run this as a module from the repository root: python -m conversion.{Path(__file__).stem} ...")
 
-from conversion.convert_original_checkpoint import load_variants  # noqa: E402
-from conversion.model_card import render_model_card  # noqa: E402
-from conversion.original_config import xt_config_from_original  # noqa: E402
+from .convert_original_checkpoint import load_variants  # noqa: E402
+from .model_card import render_model_card  # noqa: E402
+from .original_config import xt_config_from_original  # noqa: E402
 
 MODELING = Path(__file__).resolve().parents[1] / "modeling"
 # Fields that record the writing library's version rather than the model.

@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import HieraConfig, Swinv2Config
 
-from conversion.checkpoint_io import describe_file, file_kind
+from .checkpoint_io import describe_file, file_kind
 from xt_hf import XTConfig
 
 # Architecture of each original `backbone_class` builder (timm / hiera-transformer defaults).

@@ -80,10 +80,17 @@ def test_command_line_conversion_writes_a_loadable_repo(tmp_path):
     assert verify(reloaded, folder / "io.safetensors")["logits"] <= 1e-5
 
 
+@pytest.mark.parametrize("script", ["convert_original_checkpoint", "make_model_cards"])
+def test_running_a_conversion_file_as_a_script_says_how_to_run_it(script):
+    result = subprocess.run([sys.executable, f"conversion/{script}.py", "--help"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and f"python -m conversion.{script}" in result.stderr
+
+
 def test_script_runs_from_the_repository_root(tmp_path):
     folder = NAIVE
-    command = [sys.executable, "conversion/convert_original_checkpoint.py", "--checkpoint", str(folder / "model.ckpt"),
-               "--original-config", str(folder / "variant.json"), "--output", str(tmp_path / "out"),
+    command = [sys.executable, "-m", "conversion.convert_original_checkpoint",
+               "--checkpoint", str(folder / "model.ckpt"), "--original-config", str(folder / "variant.json"), "--output", str(tmp_path / "out"),
                "--verify", str(folder / "io.safetensors")]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -427,7 +434,7 @@ def test_conversion_doc_block_runs_as_written(language, code):
 
 def test_model_cards_and_configs_are_up_to_date():
     stale = [str(path) for path, content in expected_files().items() if not path.exists() or path.read_text() != content]
-    assert not stale, f"run `python conversion/make_model_cards.py`: stale {stale}"
+    assert not stale, f"run `python -m conversion.make_model_cards`: stale {stale}"
 
 
 def test_every_model_card_demo_runs(tmp_path, monkeypatch):

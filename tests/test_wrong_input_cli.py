@@ -191,7 +191,7 @@ def test_train_help_and_argument_errors_do_not_import_torch(argv, status, says):
      "not allowed with argument"),
 ])
 def test_converter_help_and_usage_errors_do_not_import_torch(argv, status, says):
-    result, modules = imported_modules(["conversion/convert_original_checkpoint.py", *argv])
+    result, modules = imported_modules(["-m", "conversion.convert_original_checkpoint", *argv])
     assert result.returncode == status, result.stderr[-2000:]
     assert says in result.stdout + result.stderr
     assert "torch" not in modules and "xt_hf" not in modules, sorted(m for m in modules if "torch" in m)[:5]
