@@ -34,8 +34,36 @@ def test_misspelt_key_in_config_json_warns_with_the_field_it_meant(tmp_path):
     with pytest.warns(UserWarning, match=r"unknown key `region_szie`: did you mean `region_size`\?"):
         config = AutoConfig.from_pretrained(tmp_path)
     assert config.region_size == 256  # the default: the misspelt value reached nothing
-    with pytest.warns(UserWarning, match=r"`num_lables`: did you mean `num_labels`\?"):
+    with pytest.warns(UserWarning, match=r"`num_lables`: did you mean `num_labels`\?") as caught:
         XTConfig(num_lables=4)
+    assert caught[0].filename == __file__  # the warning points at the line that built the config
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"region_size": 0}, r"`region_size` must be ≥ 1, got 0"),
+    ({"region_size": "256"}, r"`region_size` must be of type int, got '256'"),
+    ({"grad_ratio": 0.0}, r"`grad_ratio` must be in \(0, 1\], got 0.0"),
+    ({"hyper_lsh_num_projs": 17}, r"`hyper_lsh_num_projs` must be in \[0, 16\], got 17"),
+    ({"detection_threshold": 1.0}, r"`detection_threshold` must be in \[0, 1\), got 1.0"),
+    ({"region_batch_size": 0}, r"`region_batch_size` must be ≥ 1, got 0"),
+    ({"in_context_patches": 1}, r"`in_context_patches` must be -1 \(off\) or ≥ 2"),
+    ({"detection_region_class_prior": 1}, r"`detection_region_class_prior` must be of type bool, got 1"),
+    ({"context_num_heads": 5}, r"`context_num_heads` \(5\) must divide `context_hidden_size` \(32\)"),
+    ({"context_encoder": "none"}, r'`classifier="context"` reads a CLS token that only a context encoder can fill'),
+])
+def test_a_bad_value_raises_a_value_error_naming_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_assignment_and_validate_check_the_same_rules():
+    config = tiny_config()
+    with pytest.raises(ValueError, match=r"`region_size` must be ≥ 1, got -1"):
+        config.region_size = -1
+    assert config.region_size == REGION  # the bad value was not set
+    config.decoder_output_stride = 3  # a rule between fields is checked by validate(), as save_pretrained does
+    with pytest.raises(ValueError, match=r"`decoder_output_stride` must be ≥ 1 and divide `region_size`"):
+        config.validate()
 
 
 def test_keys_transformers_writes_and_unrelated_extra_keys_do_not_warn(tmp_path):
@@ -53,15 +81,10 @@ def test_keys_transformers_writes_and_unrelated_extra_keys_do_not_warn(tmp_path)
     assert config.training_notes == "run 7"
 
 
-def literal_values(annotation: str) -> tuple:
-    """The values of a `Literal[...]` annotation string as written in the source."""
-    return typing.get_args(eval(annotation, {"Literal": typing.Literal}))  # noqa: S307 - our own annotations
-
-
 CHOICE_FIELDS = {
-    name: literal_values(annotation)
+    name: typing.get_args(annotation)
     for name, annotation in XTConfig.__annotations__.items()
-    if isinstance(annotation, str) and annotation.startswith("Literal[")
+    if typing.get_origin(annotation) is typing.Literal
 }
 
 

@@ -1,19 +1,20 @@
 """xT configuration: one dataclass that decides every architectural choice, including each quirk
 of the released checkpoints (the project's `docs/architecture.md` lists them)."""
 
-from __future__ import annotations
-
 import contextlib
-import dataclasses
 import difflib
+import functools
 import math
 import re
-import sys
 import warnings
 from typing import Literal, get_args, get_origin
 
-from huggingface_hub.dataclasses import strict
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub.dataclasses import strict, validated_field
+from huggingface_hub.errors import (
+    HFValidationError,
+    StrictDataclassClassValidationError,
+    StrictDataclassFieldValidationError,
+)
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
@@ -28,16 +29,97 @@ _TRANSFORMERS_KEYS = frozenset({
 })
 
 
+# Field validators: each raises `ValueError("must be ..., got ...")`; `_field_errors_name_the_field` puts the field's
+# name in front.
+def at_least(low):
+    """A validator for `value ≥ low`."""
+    def check(value):
+        if value < low:
+            raise ValueError(f"must be ≥ {low}, got {value!r}.")
+    return check
+
+
+def positive(value):
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value!r}.")
+
+
+def in_range(low, high, *, low_open=False, high_open=False):
+    """A validator for `value` in the interval from `low` to `high`, each end included unless it is open."""
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+    def check(value):
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below):
+            raise ValueError(f"must be in {interval}, got {value!r}.")
+    return check
+
+
+def optional(check):
+    """`check`, letting `None` through."""
+    def check_unless_none(value):
+        if value is not None:
+            check(value)
+    return check_unless_none
+
+
+def window_length(value):
+    if value < 2 and value != -1:
+        raise ValueError(f"must be -1 (off) or ≥ 2 (windows advance by half their length), got {value!r}.")
+
+
+def _field_errors_name_the_field(cls):
+    """Make `@strict`'s errors plain `ValueError`s that name the field, and warn about misspelt keys.
+
+    `@strict` checks each field's type (a `Literal` field: its values) and validators on every assignment, and the
+    `validate_*` methods after construction and in `validate()`, but wraps what they raise in its own exception
+    types, which are not `ValueError`s. Applied on top of `@strict`, this re-raises them as `ValueError`, and warns
+    from the outermost `__init__`, so that the warning points at the line that built the config without counting
+    the frames of transformers' and `@strict`'s own `__init__` wrappers.
+    """
+    strict_init, strict_setattr, strict_validate = cls.__init__, cls.__setattr__, cls.validate
+
+    @functools.wraps(strict_init)
+    def __init__(self, *args, **kwargs):
+        strict_init(self, *args, **kwargs)
+        _warn_about_misspelt_keys(self, kwargs, stacklevel=2)
+
+    def __setattr__(self, name, value):
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassFieldValidationError as error:
+            cause = error.__cause__
+            if isinstance(cause, TypeError):  # strict's own type check
+                expected = cls.__dataclass_fields__[name].type
+                choices = get_args(expected) if get_origin(expected) is Literal else None
+                rule = f"one of {choices}" if choices else f"of type {getattr(expected, '__name__', expected)}"
+                raise ValueError(f"`{name}` must be {rule}, got {value!r}.") from cause
+            raise ValueError(f"`{name}` {cause}") from cause
+
+    @functools.wraps(strict_validate)
+    def validate(self):
+        try:
+            strict_validate(self)
+        except StrictDataclassClassValidationError as error:
+            raise ValueError(str(error.__cause__)) from error.__cause__
+
+    validate.__is_defined_by_strict_decorator__ = True  # lets `@strict` on a subclass replace it
+    cls.__init__, cls.__setattr__, cls.validate = __init__, __setattr__, validate
+    return cls
+
+
+@_field_errors_name_the_field
 @strict
 class XTConfig(PreTrainedConfig):
     r"""
     Configuration of an xT model: nested tokenization → region encoder → stitch → context encoder → head.
 
     Field defaults describe the released Swin-v2-T "hyper" xT model (region 256, 2 context layers of
-    width 768). The conversion script sets the quirk fields to the values the released checkpoints
-    need; they are marked *(released: ...)* below.
+    width 768). The fields are listed below by role; the conversion script sets the quirk fields to the values
+    the released checkpoints need, given as *(released: ...)*.
 
-    Args:
+    Architecture:
         region_size (`int`, defaults to 256):
             Side of the square regions the image is cut into. The region encoder sees one region at a
             time, so this is also the backbone's input size (`backbone_config.image_size` is set to it).
@@ -45,22 +127,6 @@ class XTConfig(PreTrainedConfig):
             Any transformers backbone config (`Swinv2Config` by default; `HieraConfig`, `ConvNextConfig`,
             or `TimmBackboneConfig` for timm models such as `fastvit_mci3`). Its `out_features` decide
             which stages are stitched; the last one feeds the context encoder.
-        region_encoder_output_norm (`bool`, defaults to `False`):
-            Keep the per-stage output LayerNorm that transformers backbones (Hiera, ConvNeXt) add.
-            *(released: False: timm's `features_only` Swin and `HieraWrapper` output un-normalised maps.)*
-        region_encoder_attention (`str`, defaults to `"sdpa"`):
-            Window attention of a Swin-v2 region encoder: `"sdpa"` (`swinv2_attention.py`: one fused
-            `scaled_dot_product_attention` call per block, same weights, outputs within float rounding) or
-            `"eager"` (transformers' own modules, the reference). Other backbones ignore it.
-        region_batch_size (`int`, *optional*, defaults to 16):
-            Encode (and decode) at most this many regions at a time. Bounds peak memory; never changes outputs.
-            `None` encodes all regions of the batch at once. It is also the default of the engine
-            (`xt_hf.engine`) and of `xt-hf`'s `--region-batch-size`, so a model saved with another value streams
-            with it; as streaming never holds a whole scene, a `None` here streams 16 at a time. Memory and time
-            against all at once: docs/performance.md.
-        grad_ratio (`float`, defaults to 1.0):
-            While training, the fraction of regions (in their original order) that keep gradients; the
-            rest run under `no_grad`. Saves memory on very large images.
         context_encoder (`str`, defaults to `"attention"`):
             `"none"`, `"attention"` (Llama-style blocks) or `"mamba"` (bidirectional-alternating Mamba).
         context_hidden_size (`int`, defaults to 768):
@@ -72,25 +138,8 @@ class XTConfig(PreTrainedConfig):
             released checkpoint computes whatever its config says.
         context_mlp_ratio (`float`, defaults to 4.0):
             Width of the gated MLP of attention blocks relative to `context_hidden_size`.
-        context_token_chunk_size (`int`, defaults to 2048):
-            Read by the engine only (`xt_hf.engine.context`, which runs the `xt-hf` commands and the streaming
-            functions); the model's forward does not use it. The engine embeds tokens and runs the blocks'
-            per-token layers (norm, q/k/v projection, gated MLP) this many tokens at a time, and runs a longer
-            sequence's attention one head at a time, updating the tokens in place, so that no widened or
-            normalised copy of all tokens exists. Outputs are unchanged (up to float summation order inside matrix
-            products). Memory against all tokens at once: docs/gigapixel.md ("Memory knobs").
-        context_attention_causal (`bool`, defaults to `True`):
-            Causal self-attention over the token sequence. *(released "hyper": True; "naive": False.)*
-        context_attention_scale (`float`, *optional*):
-            Softmax scale; `None` means `head_dim ** -0.5`. *(released "naive": 1.0.)*
         context_qkv_bias (`bool`, defaults to `True`):
             Bias of the fused query/key/value projection.
-        context_long_sequence_attention (`str`, defaults to `"hyper"`):
-            Attention for sequences longer than `hyper_min_seq_len` tokens: `"hyper"` approximates it with
-            HyperAttention (`hyper_attention.py`: LSH-sorted block-diagonal attention plus a sampled residual,
-            memory O(L · `hyper_block_size`)), as the released "hyper" layers do; `"exact"` keeps exact
-            attention at any length. Shorter sequences are always exact, bit for bit. The HyperAttention
-            path returns no attention weights. *(released "hyper": "hyper"; "naive": "exact".)*
         hyper_min_seq_len (`int`, defaults to 4096):
             Longest sequence that is always attended exactly. For causal attention the approximation only
             starts at `2 · hyper_min_seq_len` tokens: in between, the halves are computed exactly, in pieces.
@@ -101,17 +150,12 @@ class XTConfig(PreTrainedConfig):
             exact pieces): memory grows as sequence length × block size.
         hyper_sample_size (`int`, defaults to 256):
             Keys sampled uniformly for HyperAttention's residual (0: block diagonal only).
-        context_rms_norm_eps (`float`, defaults to 1e-5):
-            Epsilon of the RMSNorms in attention blocks. *(released: 1e-5, not Llama's 1e-6.)*
         context_layer_norm_eps (`float`, defaults to 1e-5):
             Epsilon of the LayerNorms of Mamba blocks and of the heads.
         context_position_embedding (`str`, defaults to `"sincos_2d"`):
             `"sincos_2d"`: fixed MAE-style 2-D sin-cos embedding of each token's global (row, column) in
             the stitched grid, added after the input projection. The first half of the channels encodes
             the column, the second half the row (the released models' layout). `"none"` adds nothing.
-        cls_token_position (`str`, defaults to `"last"`):
-            Where the `"context"` classifier's CLS token joins the sequence. It never gets a position
-            embedding. *(released: "last", which matters with causal attention: it sees every token.)*
         in_context_patches (`int`, defaults to -1):
             When > 0, the context encoder runs over windows of this many tokens that advance by half a
             window (each window keeps the previous window's second half as context), each window with
@@ -121,12 +165,6 @@ class XTConfig(PreTrainedConfig):
             Selective-scan state size, causal depthwise convolution width and inner-width multiplier.
         mamba_dt_rank (`int`, *optional*):
             Rank of the step-size projection; `None` means `ceil(context_hidden_size / 16)`.
-        mamba_reverse_even_layers (`bool`, defaults to `True`):
-            Layers 0, 2, 4, ... scan the sequence backwards, the others forwards. *(released: True.)*
-        mamba_residual_from_normed (`bool`, defaults to `True`):
-            The Mamba block computes `n = LayerNorm(x); x = n + Mamba(n)`: the residual is the
-            normalised tensor, not the block input. *(released: True.)* `False` gives the usual
-            `x + Mamba(LayerNorm(x))`.
         classifier (`str`, defaults to `"context"`):
             `"pool"`: global average pool of the tokens and an MLP (the original "naive" head).
             `"context"`: a CLS token goes through the context encoder and a LayerNorm + Linear reads it
@@ -141,6 +179,44 @@ class XTConfig(PreTrainedConfig):
             Must be ≥ 1 and divide `region_size`, so that each region's logits are a whole number of pixels per side.
             (The decoder works at the backbone's first out-feature stride; other strides are reached by bilinear
             resizing, so a divisor of that stride avoids an extra upsampling.)
+        detection_region_class_prior (`bool`, defaults to `True`):
+            `XTForObjectDetection`: add to every heatmap cell of a region a per-class logit read linearly from the
+            tokens the decoder fuses at its deepest stage (the region's context tokens, or its own deepest tokens
+            without a context encoder), zero at initialisation (`XTRegionClassPrior` in `detection_head.py`). It lets
+            an object's class follow the scene quickly; `False` gives the plain CenterNet head.
+        initializer_range (`float`, defaults to 0.02):
+            Standard deviation of the truncated normal used to initialise new weights.
+
+    Quirks of the released checkpoints:
+        region_encoder_output_norm (`bool`, defaults to `False`):
+            Keep the per-stage output LayerNorm that transformers backbones (Hiera, ConvNeXt) add.
+            *(released: False: timm's `features_only` Swin and `HieraWrapper` output un-normalised maps.)*
+        context_attention_causal (`bool`, defaults to `True`):
+            Causal self-attention over the token sequence. *(released "hyper": True; "naive": False.)*
+        context_attention_scale (`float`, *optional*):
+            Softmax scale; `None` means `head_dim ** -0.5`. *(released "naive": 1.0.)*
+        context_long_sequence_attention (`str`, defaults to `"hyper"`):
+            Attention for sequences longer than `hyper_min_seq_len` tokens: `"hyper"` approximates it with
+            HyperAttention (`hyper_attention.py`: LSH-sorted block-diagonal attention plus a sampled residual,
+            memory O(L · `hyper_block_size`)), as the released "hyper" layers do; `"exact"` keeps exact
+            attention at any length. Shorter sequences are always exact, bit for bit. The HyperAttention
+            path returns no attention weights. *(released "hyper": "hyper"; "naive": "exact".)*
+        context_rms_norm_eps (`float`, defaults to 1e-5):
+            Epsilon of the RMSNorms in attention blocks. *(released: 1e-5, not Llama's 1e-6.)*
+        cls_token_position (`str`, defaults to `"last"`):
+            Where the `"context"` classifier's CLS token joins the sequence. It never gets a position
+            embedding. *(released: "last", which matters with causal attention: it sees every token.)*
+        mamba_reverse_even_layers (`bool`, defaults to `True`):
+            Layers 0, 2, 4, ... scan the sequence backwards, the others forwards. *(released: True.)*
+        mamba_residual_from_normed (`bool`, defaults to `True`):
+            The Mamba block computes `n = LayerNorm(x); x = n + Mamba(n)`: the residual is the
+            normalised tensor, not the block input. *(released: True.)* `False` gives the usual
+            `x + Mamba(LayerNorm(x))`.
+
+    Training and losses:
+        grad_ratio (`float`, defaults to 1.0):
+            While training, the fraction of regions (in their original order) that keep gradients; the
+            rest run under `no_grad`. Saves memory on very large images.
         semantic_loss_ignore_index (`int`, defaults to 255):
             Label value that segmentation losses ignore (unlabelled pixels).
         semantic_loss_dice_weight (`float`, defaults to 0.0):
@@ -156,6 +232,14 @@ class XTConfig(PreTrainedConfig):
             image-level loss). It asks the one region that holds a clue to a class somewhere else to encode it, where
             the region presence loss reaches that region only through the context encoder's attention. 0 adds no head
             and no weights. Inference never uses it.
+        detection_heatmap_loss_weight (`float`, defaults to 1.0):
+            `XTForObjectDetection`: weight of the CenterNet focal loss on the heatmap.
+        detection_size_loss_weight (`float`, defaults to 0.1):
+            `XTForObjectDetection`: weight of the L1 loss on box width and height (in output cells) at object centres.
+        detection_offset_loss_weight (`float`, defaults to 1.0):
+            `XTForObjectDetection`: weight of the L1 loss on the centre offsets (CenterNet's weights are 1, 0.1, 1).
+
+    Post-processing thresholds:
         detection_threshold (`float`, defaults to 0.05):
             `XTForObjectDetection`: a heatmap peak (score = sigmoid of its logit) becomes a candidate detection when
             its score is above this; must be in [0, 1). Post-processing thresholds the merged detections again.
@@ -165,24 +249,29 @@ class XTConfig(PreTrainedConfig):
         detection_nms_iou (`float`, defaults to 0.5):
             `XTForObjectDetection`: IoU above which class-wise NMS suppresses the weaker of two detections when the
             regions' detections are merged (an object crossing a region border is reported by both regions).
-        detection_region_class_prior (`bool`, defaults to `True`):
-            `XTForObjectDetection`: add to every heatmap cell of a region a per-class logit read linearly from the
-            tokens the decoder fuses at its deepest stage (the region's context tokens, or its own deepest tokens
-            without a context encoder), zero at initialisation (`XTRegionClassPrior` in `detection_head.py`). It lets
-            an object's class follow the scene quickly; `False` gives the plain CenterNet head.
-        detection_heatmap_loss_weight (`float`, defaults to 1.0):
-            `XTForObjectDetection`: weight of the CenterNet focal loss on the heatmap.
-        detection_size_loss_weight (`float`, defaults to 0.1):
-            `XTForObjectDetection`: weight of the L1 loss on box width and height (in output cells) at object centres.
-        detection_offset_loss_weight (`float`, defaults to 1.0):
-            `XTForObjectDetection`: weight of the L1 loss on the centre offsets (CenterNet's weights are 1, 0.1, 1).
-        initializer_range (`float`, defaults to 0.02):
-            Standard deviation of the truncated normal used to initialise new weights.
 
-    Validation: every field is checked when the config is built (and by `config.validate()`); a bad value raises
-    `ValueError` naming the field. `num_labels` (the length of `id2label`) must be ≥ 1. The string choice fields
-    (`context_encoder`, `context_long_sequence_attention`, `context_position_embedding`, `cls_token_position`,
-    `classifier`) accept exactly the values of their `Literal` annotation, see `XTConfig.allowed_values(name)`.
+    Runtime (how the model runs; outputs never change beyond float rounding):
+        region_encoder_attention (`str`, defaults to `"sdpa"`):
+            Window attention of a Swin-v2 region encoder: `"sdpa"` (`swinv2_attention.py`: one fused
+            `scaled_dot_product_attention` call per block, same weights) or `"eager"` (transformers' own
+            modules, the reference). Other backbones ignore it.
+        region_batch_size (`int`, *optional*, defaults to 16):
+            The forward encodes (and decodes) at most this many regions at a time, bounding peak memory; `None`:
+            all regions of the batch at once. Runtime default: the engine (`xt_hf.engine`, the `xt-hf` commands)
+            uses it when the caller gives no `region_batch_size` (16 when it is `None`). Memory and time:
+            docs/performance.md.
+        context_token_chunk_size (`int`, defaults to 2048):
+            Tokens per chunk of the context encoder's per-token layers. Runtime default: the engine
+            (`xt_hf.engine`, the `xt-hf` commands) uses it when the caller gives no `token_chunk_size`; the model's
+            forward does not read it. Memory: docs/gigapixel.md ("Memory knobs").
+
+    Validation: `@strict` checks each field when it is set (at construction, by `from_pretrained`, or by assignment):
+    its type, and its range where the field has a validator (`at_least`, `positive`, `in_range`, ...). The string
+    choice fields (`context_encoder`, `context_long_sequence_attention`, `context_position_embedding`,
+    `cls_token_position`, `classifier`, `region_encoder_attention`) accept exactly the values of their `Literal`
+    annotation, see `XTConfig.allowed_values(name)`. Rules between fields (`validate_architecture`) and
+    `num_labels` ≥ 1 (the length of `id2label`, `validate_labels`) are checked after construction and by
+    `config.validate()`. A bad value raises `ValueError` naming the field.
 
     Unknown keys: a keyword argument or `config.json` key that is not a field is kept as an attribute, as
     transformers does. If it is close to a field name (e.g. `region_szie`), a `UserWarning` (Python's `warnings`
@@ -208,59 +297,58 @@ class XTConfig(PreTrainedConfig):
         ),
     }
 
-    region_size: int = 256
+    region_size: int = validated_field(at_least(1), default=256)
     backbone_config: dict | PreTrainedConfig | None = None
     region_encoder_output_norm: bool = False
     region_encoder_attention: Literal["eager", "sdpa"] = "sdpa"
-    region_batch_size: int | None = 16
-    grad_ratio: float | int = 1.0
+    region_batch_size: int | None = validated_field(optional(at_least(1)), default=16)
+    grad_ratio: float | int = validated_field(in_range(0, 1, low_open=True), default=1.0)
 
     context_encoder: Literal["none", "attention", "mamba"] = "attention"
-    context_hidden_size: int = 768
-    context_num_layers: int = 2
-    context_num_heads: int | None = None
-    context_mlp_ratio: float | int = 4.0
-    context_token_chunk_size: int = 2048
+    context_hidden_size: int = validated_field(at_least(1), default=768)
+    context_num_layers: int = validated_field(at_least(1), default=2)
+    context_num_heads: int | None = validated_field(optional(at_least(1)), default=None)
+    context_mlp_ratio: float | int = validated_field(positive, default=4.0)
+    context_token_chunk_size: int = validated_field(at_least(1), default=2048)
     context_attention_causal: bool = True
-    context_attention_scale: float | None = None
+    context_attention_scale: float | int | None = None
     context_qkv_bias: bool = True
     context_long_sequence_attention: Literal["exact", "hyper"] = "hyper"
-    hyper_min_seq_len: int = 4096
-    hyper_lsh_num_projs: int = 7
-    hyper_block_size: int = 256
-    hyper_sample_size: int = 256
+    hyper_min_seq_len: int = validated_field(at_least(1), default=4096)
+    hyper_lsh_num_projs: int = validated_field(in_range(0, 16), default=7)  # 2**n LSH buckets
+    hyper_block_size: int = validated_field(at_least(1), default=256)
+    hyper_sample_size: int = validated_field(at_least(0), default=256)
     context_rms_norm_eps: float = 1e-5
     context_layer_norm_eps: float = 1e-5
     context_position_embedding: Literal["sincos_2d", "none"] = "sincos_2d"
     cls_token_position: Literal["last", "first"] = "last"
-    in_context_patches: int = -1
+    in_context_patches: int = validated_field(window_length, default=-1)
 
-    mamba_d_state: int = 16
-    mamba_d_conv: int = 4
-    mamba_expand: int = 2
-    mamba_dt_rank: int | None = None
+    mamba_d_state: int = validated_field(at_least(1), default=16)
+    mamba_d_conv: int = validated_field(at_least(1), default=4)
+    mamba_expand: int = validated_field(at_least(1), default=2)
+    mamba_dt_rank: int | None = validated_field(optional(at_least(1)), default=None)
     mamba_reverse_even_layers: bool = True
     mamba_residual_from_normed: bool = True
 
     classifier: Literal["pool", "context"] = "context"
-    classifier_mlp_ratio: int = 4
-    decoder_hidden_size: int = 64
+    classifier_mlp_ratio: int = validated_field(at_least(1), default=4)
+    decoder_hidden_size: int = validated_field(at_least(1), default=64)
     decoder_output_stride: int = 1
     semantic_loss_ignore_index: int = 255
-    semantic_loss_dice_weight: float | int = 0.0
-    region_presence_loss_weight: float | int = 0.0
-    scene_presence_loss_weight: float | int = 0.0
-    detection_threshold: float | int = 0.05
-    detection_max_detections: int = 100
-    detection_nms_iou: float | int = 0.5
+    semantic_loss_dice_weight: float | int = validated_field(at_least(0), default=0.0)
+    region_presence_loss_weight: float | int = validated_field(at_least(0), default=0.0)
+    scene_presence_loss_weight: float | int = validated_field(at_least(0), default=0.0)
+    detection_threshold: float | int = validated_field(in_range(0, 1, high_open=True), default=0.05)
+    detection_max_detections: int = validated_field(at_least(1), default=100)
+    detection_nms_iou: float | int = validated_field(in_range(0, 1, low_open=True), default=0.5)
     detection_region_class_prior: bool = True
-    detection_heatmap_loss_weight: float | int = 1.0
-    detection_size_loss_weight: float | int = 0.1
-    detection_offset_loss_weight: float | int = 1.0
+    detection_heatmap_loss_weight: float | int = validated_field(at_least(0), default=1.0)
+    detection_size_loss_weight: float | int = validated_field(at_least(0), default=0.1)
+    detection_offset_loss_weight: float | int = validated_field(at_least(0), default=1.0)
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
-        _warn_about_misspelt_keys(self, kwargs)
         _check_backbone_model_type(self.backbone_config)
         requested_num_labels = kwargs.get("num_labels")
         super().__post_init__(**kwargs)
@@ -277,8 +365,6 @@ class XTConfig(PreTrainedConfig):
             self.backbone_config.image_size = [self.region_size, self.region_size]
         elif image_size is not None:
             self.backbone_config.image_size = self.region_size
-
-        self.check_fields()
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
@@ -300,127 +386,53 @@ class XTConfig(PreTrainedConfig):
     @classmethod
     def allowed_values(cls, name: str) -> tuple:
         """The values the string choice field `name` accepts, read from its `Literal` annotation."""
-        choices = _literal_fields(cls).get(name)
-        if choices is None:
-            raise KeyError(f"{name!r} is not a choice field of {cls.__name__}: {sorted(_literal_fields(cls))}.")
-        return choices
+        field = cls.__dataclass_fields__.get(name)
+        if field is None or get_origin(field.type) is not Literal:
+            choice_fields = sorted(n for n, f in cls.__dataclass_fields__.items() if get_origin(f.type) is Literal)
+            raise KeyError(f"{name!r} is not a choice field of {cls.__name__}: {choice_fields}.")
+        return get_args(field.type)
 
     def validate_architecture(self):
-        """`@strict`'s validation hook (`config.validate()`); the same checks as at construction."""
-        self.check_fields()
-
-    def check_fields(self):
-        """Raise `ValueError` naming the offending field. Runs at the end of construction, so a bad value never
-        yields a config (`@strict` would wrap the error in its own, non-`ValueError`, exception type)."""
-        if not isinstance(self.region_size, int) or self.region_size <= 0:
-            raise ValueError(f"`region_size` must be a positive integer, got {self.region_size!r}.")
+        """Rules between fields (`@strict` runs every `validate_*` method after construction and in `validate()`)."""
+        super().validate_architecture()
         if getattr(self.backbone_config, "model_type", None) not in MODEL_FOR_BACKBONE_MAPPING_NAMES:
             raise ValueError(
                 f"`backbone_config` must be the config of a transformers backbone (AutoBackbone: Swinv2Config, "
                 f"HieraConfig, ConvNextConfig, TimmBackboneConfig, ...), got {type(self.backbone_config).__name__}."
-            )
-        if self.region_batch_size is not None and self.region_batch_size < 1:
-            raise ValueError(f"`region_batch_size` must be None or ≥ 1, got {self.region_batch_size}.")
-        if self.context_token_chunk_size < 1:
-            raise ValueError(f"`context_token_chunk_size` must be ≥ 1, got {self.context_token_chunk_size}.")
-        if not 0.0 < self.grad_ratio <= 1.0:
-            raise ValueError(f"`grad_ratio` must be in (0, 1], got {self.grad_ratio}.")
-        for name, choices in _literal_fields(type(self)).items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"`{name}` must be one of {choices}, got {getattr(self, name)!r}.")
-        if self.num_labels is None or self.num_labels < 1:
-            raise ValueError(
-                f"`num_labels` must be ≥ 1 (one output per class; 1 for regression), got {self.num_labels} "
-                f"(`id2label` has {len(self.id2label or {})} entries)."
             )
         if self.classifier == "context" and self.context_encoder == "none":
             raise ValueError(
                 '`classifier="context"` reads a CLS token that only a context encoder can fill: set '
                 '`context_encoder` to "attention" or "mamba", or use `classifier="pool"`.'
             )
-        for name in ("context_hidden_size", "context_num_layers", "mamba_d_state", "mamba_d_conv", "mamba_expand"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be ≥ 1, got {getattr(self, name)}.")
         if self.context_position_embedding == "sincos_2d" and self.context_hidden_size % 4:
             raise ValueError(
                 f"`context_hidden_size` must be a multiple of 4 for the 2-D sin-cos position embedding, "
                 f"got {self.context_hidden_size}."
             )
         heads = self.context_num_heads
-        if heads is not None and (heads < 1 or self.context_hidden_size % heads):
+        if heads is not None and self.context_hidden_size % heads:
             raise ValueError(
-                f"`context_num_heads` ({heads}) must be ≥ 1 and divide `context_hidden_size` "
-                f"({self.context_hidden_size})."
+                f"`context_num_heads` ({heads}) must divide `context_hidden_size` ({self.context_hidden_size})."
             )
-        for name in ("hyper_min_seq_len", "hyper_block_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be ≥ 1, got {getattr(self, name)}.")
-        if self.hyper_sample_size < 0:
-            raise ValueError(f"`hyper_sample_size` must be ≥ 0 (0: no residual), got {self.hyper_sample_size}.")
-        if not 0 <= self.hyper_lsh_num_projs <= 16:
-            raise ValueError(
-                f"`hyper_lsh_num_projs` must be in [0, 16] (2**n LSH buckets), got {self.hyper_lsh_num_projs}."
-            )
-        if self.in_context_patches == 1 or self.in_context_patches == 0 or self.in_context_patches < -1:
-            raise ValueError(
-                f"`in_context_patches` must be -1 (off) or ≥ 2 (windows advance by half their length), "
-                f"got {self.in_context_patches}."
-            )
-        if self.decoder_hidden_size < 1:
-            raise ValueError(f"`decoder_hidden_size` must be ≥ 1, got {self.decoder_hidden_size}.")
         stride = self.decoder_output_stride
-        if not isinstance(stride, int) or stride < 1 or self.region_size % stride:
+        if stride < 1 or self.region_size % stride:
             raise ValueError(
                 f"`decoder_output_stride` must be ≥ 1 and divide `region_size` ({self.region_size}), got {stride!r}."
             )
-        if self.semantic_loss_dice_weight < 0:
-            raise ValueError(f"`semantic_loss_dice_weight` must be ≥ 0, got {self.semantic_loss_dice_weight}.")
-        for name in ("region_presence_loss_weight", "scene_presence_loss_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be ≥ 0, got {getattr(self, name)}.")
-        if not 0 <= self.detection_threshold < 1:
-            raise ValueError(f"`detection_threshold` must be in [0, 1), got {self.detection_threshold}.")
-        if not isinstance(self.detection_max_detections, int) or self.detection_max_detections < 1:
-            raise ValueError(f"`detection_max_detections` must be ≥ 1, got {self.detection_max_detections!r}.")
-        if not 0 < self.detection_nms_iou <= 1:
-            raise ValueError(f"`detection_nms_iou` must be in (0, 1], got {self.detection_nms_iou}.")
-        if not isinstance(self.detection_region_class_prior, bool):
-            raise ValueError(f"`detection_region_class_prior` must be True or False, got "
-                             f"{self.detection_region_class_prior!r}.")
-        for name in ("detection_heatmap_loss_weight", "detection_size_loss_weight", "detection_offset_loss_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be ≥ 0, got {getattr(self, name)}.")
-        if self.context_mlp_ratio <= 0 or self.classifier_mlp_ratio < 1:
-            raise ValueError("`context_mlp_ratio` must be > 0 and `classifier_mlp_ratio` ≥ 1.")
+
+    def validate_labels(self):
+        """`num_labels` (the length of `id2label`) must be ≥ 1."""
+        if self.num_labels is None or self.num_labels < 1:
+            raise ValueError(
+                f"`num_labels` must be ≥ 1 (one output per class; 1 for regression), got {self.num_labels} "
+                f"(`id2label` has {len(self.id2label or {})} entries)."
+            )
 
 
-def _literal_fields(cls) -> dict[str, tuple]:
-    """`{field: allowed values}` for every field of `cls` (and its XT bases) annotated with a `Literal`.
-
-    The annotations are strings (`from __future__ import annotations`), so each one that names a `Literal` is
-    evaluated in this module; `typing.get_type_hints` would also evaluate the base classes' annotations, which name
-    modules this one does not import.
-    """
-    cached = cls.__dict__.get("_literal_fields_cache")
-    if cached is not None:
-        return cached
-    choices = {}
-    for klass in reversed(cls.__mro__):
-        for name, annotation in vars(klass).get("__annotations__", {}).items():
-            if isinstance(annotation, str):
-                if "Literal[" not in annotation:
-                    continue
-                annotation = eval(annotation, globals())  # noqa: S307 - our own annotation text
-            candidates = [annotation] if get_origin(annotation) is Literal else list(get_args(annotation))
-            values = tuple(v for c in candidates if get_origin(c) is Literal for v in get_args(c))
-            if values:
-                choices[name] = values + ((None,) if type(None) in get_args(annotation) else ())
-    cls._literal_fields_cache = choices
-    return choices
-
-
-def _warn_about_misspelt_keys(config, kwargs: dict) -> None:
-    """Warn for each unknown key in `kwargs` that looks like a misspelt field of `config` (difflib, ratio ≥ 0.8)."""
+def _warn_about_misspelt_keys(config, kwargs: dict, stacklevel: int) -> None:
+    """Warn for each unknown key in `kwargs` that looks like a misspelt field of `config` (difflib, ratio ≥ 0.8).
+    `stacklevel` is the one the caller would give `warnings.warn`."""
     cls = type(config)
     fields = set(cls.__dataclass_fields__) | {"num_labels"}
     for key in kwargs:
@@ -434,50 +446,8 @@ def _warn_about_misspelt_keys(config, kwargs: dict) -> None:
                 f"{cls.__name__} got the unknown key `{key}`: did you mean `{name}`? `{key}` is kept as an extra "
                 f"attribute but nothing reads it, and `{name}` is not set from it{current}.",
                 UserWarning,
-                stacklevel=_caller_stacklevel(),
+                stacklevel=stacklevel + 1,
             )
-
-
-# The pipeline task each xT class answers; a pipeline of another task would give it a head of random weights.
-PIPELINE_TASKS = {
-    "XTModel": "image-feature-extraction",
-    "XTForImageClassification": "image-classification",
-    "XTForSemanticSegmentation": "image-segmentation",
-    "XTForObjectDetection": "object-detection",
-}
-
-
-def check_pipeline_task(model_class: str, name, architectures) -> None:
-    """Inside `transformers.pipeline(task, model=name)`, a `ValueError` when the folder was saved by an xT class of
-    another task than the `model_class` being loaded for it: that class's head would start from random weights and
-    answer nothing useful (a detection pipeline on a classifier returns `[]`) after a long report of missing and
-    unexpected weights. Outside a pipeline, loading another head's weights is transfer learning, and allowed; a
-    bare `XTModel` (feature extraction) reads any of them."""
-    saved = [architecture for architecture in architectures or () if architecture in PIPELINE_TASKS]
-    if model_class == "XTModel" or model_class not in PIPELINE_TASKS or not saved or model_class in saved:
-        return
-    task = pipeline_task()
-    if task is None:
-        return
-    raise ValueError(
-        f"{name} holds an {saved[0]}, a model for {PIPELINE_TASKS[saved[0]]}, but pipeline({task!r}) loads it as "
-        f"{model_class}, whose head would be random weights. Use pipeline({PIPELINE_TASKS[saved[0]]!r}, model=...) "
-        f"for this model, or fine-tune an {model_class} from it first."
-    )
-
-
-def pipeline_task() -> str | None:
-    """The task of the `transformers.pipeline(...)` call this code runs under, or None. The pipeline passes its task
-    to the Auto class as `_from_pipeline`, but `AutoConfig` consumes it before the model class is called, so it is
-    read from the pipeline's own frames (the `task` argument of `pipeline()` and of its `load_model`)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_globals.get("__name__", "").startswith("transformers.pipelines"):
-            task = frame.f_locals.get("task")
-            if isinstance(task, str):
-                return task
-        frame = frame.f_back
-    return None
 
 
 # A Hub repo id: "name" or "org/name", letters, digits, '-', '_' and '.'; anything else with a slash is a path.
@@ -530,17 +500,7 @@ def _check_backbone_model_type(backbone_config) -> None:
     )
 
 
-def _caller_stacklevel() -> int:
-    """`warnings.warn` stack level of the first frame outside this module and the dataclass machinery, so that the
-    warning points at the line that built the config (or at transformers' loader when it came from a file)."""
-    internal = {__file__, dataclasses.__file__, sys.modules[PreTrainedConfig.__module__].__file__, "<string>"}
-    frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_code.co_filename in internal or "huggingface_hub" in frame.f_code.co_filename):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-# The choice fields' allowed values, for code that wants them as constants; derived from the annotations.
+# The choice fields' allowed values, for code that wants them as constants; read from the annotations.
 CONTEXT_ENCODERS = XTConfig.allowed_values("context_encoder")
 CLASSIFIERS = XTConfig.allowed_values("classifier")
 LONG_SEQUENCE_ATTENTIONS = XTConfig.allowed_values("context_long_sequence_attention")

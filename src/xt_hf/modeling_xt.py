@@ -13,7 +13,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput, SemanticSegmenterOutput
 from transformers.utils import ModelOutput, auto_docstring, can_return_tuple
 
-from .configuration_xt import XTConfig, check_pipeline_task, named_missing_folder
+from .configuration_xt import XTConfig, named_missing_folder
 from .context_encoder import ContextEncoding, XTContextEncoder
 from .context_mamba import XTMambaMixer
 from .detection_head import (
@@ -80,11 +80,7 @@ class XTPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`; a local path that is not a folder is named as such (not as a malformed
-        Hub repo id), another model type's folder is refused (`XTConfig.get_config_dict`), and so is, in a pipeline,
-        an xT folder of another task (`check_pipeline_task`)."""
-        config = kwargs.get("config")
-        if isinstance(config, XTConfig):  # how the Auto classes, and so the pipelines, call
-            check_pipeline_task(cls.__name__, pretrained_model_name_or_path, config.architectures)
+        Hub repo id), and another model type's folder is refused (`XTConfig.get_config_dict`)."""
         with named_missing_folder(pretrained_model_name_or_path):
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
