@@ -73,20 +73,16 @@ class Task:
         dataset.save_to_disk(str(folder))
 
     def score(self, model: Path, data: Path, seed: int) -> dict[str, float]:
-        if self.name == "coastline":
-            from xt_hf.training.segmentation_evaluation import evaluate_saved_segmenter
+        from xt_hf.training.score import evaluate_saved_model
 
-            report = evaluate_saved_segmenter(str(model), str(data), "test", seed=seed, **self.generator_options)
+        if self.name == "coastline":
+            report = evaluate_saved_model(str(model), str(data), "test", seed=seed, **self.generator_options)
             coast_free = report["vessel_accuracy"]["region_shows_no_land"]
             return {"test_mean_iou": report["mean_iou"], "coast_free_vessel_accuracy": coast_free["accuracy"],
                     "coast_free_vessels": coast_free["vessels"]}
+        report = evaluate_saved_model(str(model), str(data), "test")
         if self.name == "relations":
-            from xt_hf.synthetic.relations import evaluate_model
-
-            return {"test_top1": evaluate_model(str(model), str(data), "test")["top1"]}
-        from xt_hf.training.detection_evaluation import evaluate_saved_detector
-
-        report = evaluate_saved_detector(str(model), str(data), "test")
+            return {"test_top1": report["top1"]}
         return {"test_ap50": report["map_50"], "test_ap": report["map"],
                 "test_class_agnostic_ap50": report["map_50_agnostic"]}
 
@@ -166,7 +162,7 @@ def train_and_score(task: Task, setting: Setting, data: Path, data_seed: int, tr
                "--config", str(REPOSITORY / "configs" / "train" / task.configs[variant]),
                "--dataset", str(data), "--output-dir", str(run_dir), "--seed", str(train_seed),
                "--max-steps", str(setting.max_steps), "--eval-steps", str(setting.eval_steps),
-               "--batch-size", str(setting.batch_size), "--checkpointing-steps", "null"]
+               "--batch-size", str(setting.batch_size), "--checkpointing-steps", "0"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

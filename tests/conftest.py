@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -74,8 +75,10 @@ def fresh_accelerate_state():
 
 
 def train_script_arguments(dataset, model, output_dir, settings: dict) -> list[str]:
-    """Command-line arguments of `xt-hf train` (`xt_hf.training`) for these paths, each setting as `--set key=value`."""
+    """Command-line arguments of `xt-hf train` (`xt_hf.training`) for these paths, each setting as its flag (a dict as
+    JSON; None as 0, which the step and limit settings read as "off")."""
     arguments = ["--model", str(model), "--dataset", str(dataset), "--output-dir", str(output_dir)]
     for key, value in settings.items():
-        arguments += ["--set", f"{key}={'null' if value is None else value}"]
+        value = json.dumps(value) if isinstance(value, dict) else 0 if value is None else value
+        arguments += [f"--{key.replace('_', '-')}", str(value)]
     return arguments

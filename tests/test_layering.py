@@ -19,6 +19,9 @@ RULES = [
     pytest.param(sorted((SRC / "xt_hf" / "synthetic").rglob("*.py")), "xt_hf.training",
                  "the synthetic tasks sit below training: training may use them, not the other way round",
                  id="synthetic-not-training"),
+    pytest.param(sorted((SRC / "xt_hf" / "synthetic").rglob("*.py")), "transformers",
+                 "the synthetic tasks make data; loading and scoring a saved model is training's job "
+                 "(xt_hf.training.score)", id="synthetic-loads-no-model"),
     pytest.param(MODEL_FILES, "xt_hf.engine", "the model says what, the engine when and where", id="model-not-engine"),
     pytest.param(MODEL_FILES, "xt_hf.training", "the model files ship to the Hub without the training code",
                  id="model-not-training"),

@@ -75,31 +75,40 @@ def test_generated_dataset_has_image_and_class_label_columns(tmp_path):
     assert row["label"] == expected.label
 
 
-def test_evaluate_model_scores_a_saved_classifier_on_a_split(tmp_path):
+def test_a_saved_relations_classifier_scores_what_its_predictions_say(tmp_path):
+    """`evaluate_saved_model` on a generated folder: the loss, top-1 and confusion matrix of the model's own
+    predictions on the images as the processor prepares them."""
     import torch
+    import torch.nn.functional as F
     from conftest import tiny_backbone_config, tiny_config
 
     from xt_hf import XTForImageClassification, XTImageProcessor
-    from xt_hf.synthetic.relations import evaluate_model
+    from xt_hf.training.score import evaluate_saved_model, main
 
     options = dict(image_size=384, region_size=64, marker_radius=(8, 14), clutter_radius=(4, 12))
     generate_dataset(2, 5, **options).save_to_disk(tmp_path / "data")
-    config = tiny_config(region_size=64, backbone_config=tiny_backbone_config(out_features=["stage2"]),
-                         id2label=dict(enumerate(LABELS)))
+    id2label = dict(enumerate(LABELS))
+    config = tiny_config(region_size=64, backbone_config=tiny_backbone_config(out_features=["stage2"]), num_labels=4,
+                         id2label=id2label, label2id={name: i for i, name in id2label.items()})
     model = XTForImageClassification(config).eval()
     model.save_pretrained(tmp_path / "model")
     XTImageProcessor(region_size=64).save_pretrained(tmp_path / "model")
 
-    report = evaluate_model(str(tmp_path / "model"), str(tmp_path / "data"), "test", batch_size=2)
+    report = evaluate_saved_model(str(tmp_path / "model"), str(tmp_path / "data"), "test", batch_size=2)
     samples = [generate_sample(sample_rng(0, "test", i), **options) for i in range(5)]
+    labels = torch.tensor([sample.label for sample in samples])
     processor = XTImageProcessor(region_size=64)
-    with torch.inference_mode():
-        predicted = model(**processor([s.image for s in samples], return_tensors="pt")).logits.argmax(-1).tolist()
+    with torch.no_grad():
+        logits = model(**processor([s.image for s in samples], return_tensors="pt")).logits
     expected = np.zeros((4, 4), dtype=int)
-    for sample, guess in zip(samples, predicted):
-        expected[sample.label, guess] += 1
-    assert report["confusion"] == expected.tolist()
-    assert report["samples"] == 5 and report["top1"] == pytest.approx(np.trace(expected) / 5)
+    for label, guess in zip(labels.tolist(), logits.argmax(-1).tolist()):
+        expected[label, guess] += 1
+    assert report["confusion"] == expected.tolist() and report["labels"] == list(LABELS)
+    assert report["images"] == 5 and report["top1"] == pytest.approx(np.trace(expected) / 5)
+    assert report["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert main([str(tmp_path / "model"), "--dataset", str(tmp_path / "data"), "--batch-size", "2"]) == report
+    with pytest.raises(ValueError, match="seed"):
+        evaluate_saved_model(str(tmp_path / "model"), str(tmp_path / "data"), seed=0)
 
 
 def test_a_changed_generator_never_returns_cached_old_data(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import REGION, REPO_ROOT, tiny_config, train_script_arguments
 from PIL import Image
 from safetensors.torch import load_file
@@ -177,7 +179,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(saved_dataset
 
     # 18 images in batches of 2 with 2-step accumulation: 5 steps per epoch, the last of a single batch.
     settings = dict(batch_size=2, gradient_accumulation_steps=2, max_steps=8, checkpointing_steps=3,
-                    checkpoints_total_limit=None, grad_ratio=0.5, eval_steps=4)
+                    checkpoints_total_limit=0, model_overrides={"grad_ratio": 0.5}, eval_steps=4)
     train_module.main(script_arguments(saved_dataset, model_config_file, tmp_path / "uninterrupted", **settings))
 
     original_save = loop_module.save_checkpoint
@@ -214,7 +216,7 @@ def test_two_processes_on_cpu_end_with_identical_weights(saved_dataset, model_co
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                "29517", "-m", "xt_hf.training",
-               *script_arguments(saved_dataset, model_config_file, output_dir, max_steps=4, checkpointing_steps=None,
+               *script_arguments(saved_dataset, model_config_file, output_dir, max_steps=4, checkpointing_steps=0,
                                  verify_replicas=True, batch_size=3, cpu=True)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
@@ -280,82 +282,105 @@ def test_image_smaller_than_a_region_error_names_the_sample(saved_dataset, model
         prepare_dataset(Dataset.load_from_disk(folder), XTImageProcessor(region_size=REGION))[4]
     with pytest.raises(BadSampleError, match=message):  # the script surfaces the same error
         main(script_arguments(folder, model_config_file, tmp_path / "run", max_steps=2, batch_size=6,
-                              checkpointing_steps=None))
+                              checkpointing_steps=0))
 
 
 def test_fine_tuning_guide_lists_every_training_setting():
-    import dataclasses
     import re
 
     from conftest import REPO_ROOT
 
-    from xt_hf.training import TrainConfig
+    from xt_hf.training.arguments import SETTING_NAMES
 
     guide = (REPO_ROOT / "docs" / "fine-tuning.md").read_text()
     documented = set(re.findall(r"^\| `(\w+)` \|", guide, flags=re.M))
-    missing = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in documented]
-    assert not missing, f"docs/fine-tuning.md's settings table lacks {missing}"
+    missing = [name for name in SETTING_NAMES if name not in documented]
+    assert not missing, f"docs/fine-tuning.md's settings tables lack {missing}"
 
 
 # --------------------------------------------------------------------------------------------------------
-# Settings: HfArgumentParser, config files, flags, --set
+# Settings: four HfArgumentParser dataclasses, a config file, flags
 
 
-def test_settings_from_yaml_file_then_flags_then_set(tmp_path):
+def test_settings_from_yaml_file_then_flags(tmp_path):
     from transformers import HfArgumentParser
 
-    from xt_hf.training.arguments import parse_args, train_argument_parser
+    from xt_hf.training.arguments import ARGUMENT_GROUPS, parse_args, train_argument_parser
 
     config_file = tmp_path / "run.yaml"
     config_file.write_text(
         "model: m.json\ndataset: imagefolder:/data\nlearning_rate: 3e-4\n"  # YAML reads 3e-4 as a string
-        "batch_size: 8\nmodel_overrides: {region_batch_size: 16, context_num_layers: 2}\n"
-        "eval_split: val\nreport_to: none\ngradient_checkpointing: false\n"
+        "batch_size: 8\nmax_steps: 1000\nmodel_overrides: {region_batch_size: 16, context_num_layers: 2}\n"
+        "eval_split: val\nreport_to: none\ngradient_checkpointing: false\ncheckpointing_steps: null\n"
     )
-    config = parse_args([
-        "--config", str(config_file),
-        "--batch-size", "4", "--learning_rate", "1e-3", "--gradient-checkpointing", "--eval-split", "null",
-        "--set", "model_overrides.grad_ratio=0.5", "--set", "max_steps=1e3", "--set", "batch_size=2",
-    ])
+    config = parse_args(["--config", str(config_file), "--batch-size", "4", "--gradient-checkpointing",
+                         "--processor-overrides", '{"do_resize": true}'])
     assert config.model == "m.json" and config.dataset == "imagefolder:/data"
-    assert config.learning_rate == 1e-3  # the flag wins over the file
-    assert config.batch_size == 2  # --set wins over the flag
+    assert config.learning_rate == 3e-4 and config.batch_size == 4  # from the file, converted; the flag wins
     assert config.max_steps == 1000 and isinstance(config.max_steps, int)
-    assert config.model_overrides == {"region_batch_size": 16, "context_num_layers": 2, "grad_ratio": 0.5}
-    assert config.gradient_checkpointing is True and config.eval_split is None
+    assert config.model_overrides == {"region_batch_size": 16, "context_num_layers": 2}
+    assert config.processor_overrides == {"do_resize": True}  # JSON on the command line
+    assert config.gradient_checkpointing is True and config.eval_split == "val" and config.checkpointing_steps is None
     assert config.report_to == "none" and config.weight_decay == 0.05  # a word, not a null; an untouched default
+    assert config.optimization_arguments.batch_size == 4  # each setting lives in one group
+    assert [type(group) for group in vars(config).values()] == list(ARGUMENT_GROUPS)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.model_arguments = None
 
-    # A JSON file gives the same; a dict flag replaces the file's whole dict.
+    # A JSON file gives the same; a dict flag replaces the file's whole dict; the written settings read back.
     json_file = tmp_path / "run.json"
     json_file.write_text(json.dumps({"model": "m.json", "dataset": "d", "model_overrides": {"context_num_layers": 2}}))
-    config = parse_args(["--config", str(json_file), "--model-overrides", "{region_batch_size: 4}"])
+    config = parse_args(["--config", str(json_file), "--model-overrides", '{"region_batch_size": 4}'])
     assert config.model_overrides == {"region_batch_size": 4}
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    assert parse_args(["--config", str(tmp_path / "again.yaml")]) == config
 
     parser = train_argument_parser()
     assert isinstance(parser, HfArgumentParser)
     (action,) = [action for action in parser._actions if action.dest == "learning_rate"]
     assert action.option_strings == ["--learning_rate", "--learning-rate"]
-    assert action.help == "Peak learning rate (all parameter groups). (default: 0.0001)"
+    assert action.help == "Peak learning rate (all parameter groups)."
 
 
-@pytest.mark.parametrize("source", ["file", "flag-free --set", "--set dotted", "from_dict"])
+@pytest.mark.parametrize("source", ["file", "from_dict"])
 def test_unknown_setting_fails_with_a_suggestion(tmp_path, source):
     from xt_hf.training import TrainConfig, parse_args
 
-    base = ["--model", "m.json", "--dataset", "d"]
-    message = r"Unknown training setting 'lerning_rate'; did you mean 'learning_rate'\?"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=r"Unknown training setting 'lerning_rate'; did you mean 'learning_rate'\?"):
         if source == "file":
-            (tmp_path / "run.yaml").write_text("lerning_rate: 0.1\n")
-            parse_args([*base, "--config", str(tmp_path / "run.yaml")])
-        elif source == "flag-free --set":
-            parse_args([*base, "--set", "lerning_rate=0.1"])
-        elif source == "--set dotted":
-            parse_args([*base, "--set", "lerning_rate.x=0.1"])
+            (tmp_path / "run.yaml").write_text("model: m.json\ndataset: d\nlerning_rate: 0.1\n")
+            parse_args(["--config", str(tmp_path / "run.yaml")])
         else:
-            TrainConfig.from_dict({"model": "m.json", "dataset": "d", "lerning-rate": 0.1})
-    with pytest.raises(ValueError, match=r"`max_steps` must be int \| None, got 'many'"):
-        parse_args([*base, "--set", "max_steps=many"])
+            TrainConfig.from_dict({"model": "m.json", "dataset": "d", "lerning_rate": 0.1})
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"max_steps": "many"}, r"argument --max_steps/--max-steps: invalid int value: 'many'"),
+    ({"batch_size": 2.5}, r"argument --batch_size/--batch-size: invalid int value: '2.5'"),
+    ({"task": "keypoints"}, r"`task` must be one of auto, classification, segmentation, detection, got 'keypoints'"),
+    ({"model_overrides": [1]}, r"`model_overrides` must be a mapping"),
+    ({"batch_size": 0}, r"`batch_size` must be ≥ 1, got 0"),
+    ({"model": ""}, r"Set `model`"),
+])
+def test_a_bad_value_fails_naming_its_setting(settings, message):
+    from xt_hf.training import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict({"model": "m.json", "dataset": "d", **settings})
+
+
+def test_a_bad_flag_exits_with_the_usage_and_the_setting(capsys):
+    from xt_hf.training.command import main
+
+    for argv, says in [(["--max-steps", "many"], "argument --max_steps/--max-steps: invalid int value: 'many'"),
+                       (["--model-overrides", "{grad_ratio: 1}"], "`model_overrides` must be a JSON object"),
+                       (["--mixed-precision", "fp8"], "argument --mixed_precision/--mixed-precision: invalid choice"),
+                       (["--no-such-setting", "1"], "unrecognized arguments: --no-such-setting 1")]:
+        with pytest.raises(SystemExit) as exited:
+            main(["--model", "m.json", "--dataset", "d", *argv])
+        assert exited.value.code == 2
+        error = capsys.readouterr().err
+        assert error.startswith("usage: python -m xt_hf.training") and says in error, error
 
 
 def test_xt_hf_train_hands_its_arguments_to_the_training_settings(monkeypatch):
@@ -364,9 +389,10 @@ def test_xt_hf_train_hands_its_arguments_to_the_training_settings(monkeypatch):
 
     trained = []
     monkeypatch.setattr(train_module, "train", trained.append)
-    main(["train", "--model", "m.json", "--dataset", "d", "--set", "seed=3"])
+    main(["train", "--model", "m.json", "--dataset", "d", "--seed", "3", "--learning-rate", "3e-4"])
     (config,) = trained
     assert (config.model, config.dataset, config.seed, config.batch_size) == ("m.json", "d", 3, 8)
+    assert config.learning_rate == 3e-4
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -415,7 +441,7 @@ def test_classification_eval_metrics_equal_the_accuracy_metric(fresh_accelerate_
     dataset = prepare_dataset(colour_dataset(6, seed=1), processor, label2id=label2id)
     accelerator = Accelerator(cpu=True)
     loader = accelerator.prepare(DataLoader(dataset, batch_size=4, collate_fn=RegionPaddingCollator(REGION)))
-    task = ClassificationTask(TrainConfig(model="m.json", dataset="d"))
+    task = ClassificationTask(TrainConfig.from_dict({"model": "m.json", "dataset": "d"}))
     with torch.no_grad():
         metrics = task.evaluate(model, loader, accelerator)
         predictions, references = [], []

@@ -73,8 +73,6 @@ def objects_dataset(images, objects, names=LABELS):
 
 
 def test_detection_settings_round_trip(tmp_path):
-    import dataclasses
-
     import yaml
 
     from xt_hf.training import TrainConfig, parse_args
@@ -82,7 +80,7 @@ def test_detection_settings_round_trip(tmp_path):
     config = TrainConfig.from_dict({"model": "m.json", "dataset": "d", "task": "detection", "learning_rate": "3e-4"})
     assert config.task == "detection"
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(dataclasses.asdict(config)))
+    path.write_text(yaml.safe_dump(config.to_dict()))
     again = parse_args(["--config", str(path)])
     assert again == config
     assert parse_args(["--model", "m.json", "--dataset", "d", "--task", "detection"]).task == "detection"
@@ -98,12 +96,12 @@ def test_task_follows_the_model_or_the_objects_column(beacon_data):
     train = load_from_disk(str(beacon_data))["train"]
     settings = dict(model="m.json", dataset="d")
     classifier = tiny_config(num_labels=2)
-    assert make_task(TrainConfig(**settings), classifier, train).name == "detection"  # an `objects` column
+    assert make_task(TrainConfig.from_dict(settings), classifier, train).name == "detection"  # an `objects` column
     detector = detection_config(architectures=["XTForObjectDetection"])
     plain = train.remove_columns("objects")
-    assert make_task(TrainConfig(**settings), classifier, plain).name == "classification"
-    assert make_task(TrainConfig(**settings), detector, plain).name == "detection"
-    assert make_task(TrainConfig(**settings, task="classification"), detector, train).name == "classification"
+    assert make_task(TrainConfig.from_dict(settings), classifier, plain).name == "classification"
+    assert make_task(TrainConfig.from_dict(settings), detector, plain).name == "detection"
+    assert make_task(TrainConfig.from_dict({**settings, "task": "classification"}), detector, train).name == "classification"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -229,6 +227,7 @@ def test_script_trains_a_detector_and_keeps_the_best_by_map_50(beacon_data, dete
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
     from xt_hf.training.command import main
+    from xt_hf.training.score import evaluate_saved_model
 
     output_dir = tmp_path / "run"
     settings = {"task": "detection", "max_steps": 2, "eval_steps": 1, "batch_size": 4, "num_workers": 0,
@@ -242,7 +241,12 @@ def test_script_trains_a_detector_and_keeps_the_best_by_map_50(beacon_data, dete
     best = output_dir / "best"
     model = AutoModelForObjectDetection.from_pretrained(best).eval()
     assert type(model) is XTForObjectDetection and model.config.id2label == ID2LABEL
-    assert "eval/map_50" in json.loads((best / "eval_results.json").read_text())
+    saved = json.loads((best / "eval_results.json").read_text())
+    # The saved model is the one that scored best: evaluating it again on the validation split gives its scores.
+    again = evaluate_saved_model(str(best), str(beacon_data), "validation", batch_size=4)
+    assert again["images"] == 4
+    for key in ("loss", "map", "map_50", "map_small", "map_50_agnostic", "ap_red_zone", "ap_yellow_zone"):
+        assert again[key] == pytest.approx(saved[f"eval/{key}"], abs=1e-6), key
     processor = AutoImageProcessor.from_pretrained(best)
     image = np.zeros((2 * REGION, 2 * REGION + 10, 3), dtype=np.uint8)
     with torch.no_grad():

@@ -231,21 +231,21 @@ def test_task_follows_the_model_or_the_mask_column(coastline_data):
     train = load_from_disk(str(coastline_data))["train"]
     settings = dict(model="m.json", dataset="d")
     classification_config = tiny_config(num_labels=2)
-    assert make_task(TrainConfig(**settings), classification_config, train).name == "segmentation"  # a mask column
-    without_masks = TrainConfig(**settings, mask_column="other")
+    assert make_task(TrainConfig.from_dict(settings), classification_config, train).name == "segmentation"  # a mask column
+    without_masks = TrainConfig.from_dict({**settings, "mask_column": "other"})
     assert make_task(without_masks, classification_config, train).name == "classification"
     segmenter = segmentation_config(architectures=["XTForSemanticSegmentation"])
     assert make_task(without_masks, segmenter, train).name == "segmentation"
-    assert make_task(TrainConfig(**settings, task="classification"), segmenter, train).name == "classification"
+    assert make_task(TrainConfig.from_dict({**settings, "task": "classification"}), segmenter, train).name == "classification"
     with pytest.raises(ValueError, match="`task` must be one of"):
         TrainConfig.from_dict({**settings, "task": "keypoints"})
 
 
 def test_segmentation_decoder_learns_at_the_head_rate():
-    from xt_hf.training import TrainConfig, parameter_groups
+    from xt_hf.training import OptimizationArguments, parameter_groups
 
     model = XTForSemanticSegmentation(segmentation_config())
-    groups = parameter_groups(model, TrainConfig(model="m", dataset="d", learning_rate=1e-3, head_learning_rate=0.5))
+    groups = parameter_groups(model, OptimizationArguments(learning_rate=1e-3, head_learning_rate=0.5))
     decoder = {id(p) for p in model.decoder.parameters()}
     head = [group for group in groups if group["name"].startswith("head")]
     assert decoder == {id(p) for group in head for p in group["params"]}
@@ -258,7 +258,7 @@ def test_script_trains_a_segmenter_and_keeps_the_best_by_mean_iou(coastline_data
 
     from xt_hf.synthetic.coastline import generate_sample, sample_rng
     from xt_hf.training.command import main
-    from xt_hf.training.segmentation_evaluation import evaluate_saved_segmenter
+    from xt_hf.training.score import evaluate_saved_model
 
     output_dir = tmp_path / "run"
     metrics = main(script_arguments(coastline_data, segmenter_config_file, output_dir, max_steps=12, eval_steps=4,
@@ -275,9 +275,10 @@ def test_script_trains_a_segmenter_and_keeps_the_best_by_mean_iou(coastline_data
     assert type(model) is XTForSemanticSegmentation and model.config.id2label == ID2LABEL
     saved = json.loads((best / "eval_results.json").read_text())
     assert saved["eval/mean_iou"] == metrics["best/mean_iou"]
-    # The saved model is the one that scored best: evaluating it again on the validation split gives that score.
-    again = evaluate_saved_segmenter(str(best), str(coastline_data), "validation", seed=0, **COAST)
-    assert again["mean_iou"] == pytest.approx(saved["eval/mean_iou"], abs=1e-5)
+    # The saved model is the one that scored best: evaluating it again on the validation split gives its scores.
+    again = evaluate_saved_model(str(best), str(coastline_data), "validation", batch_size=2, seed=0, **COAST)
+    for key in ("loss", "mean_iou", "pixel_accuracy", "iou_near_shore_vessel"):
+        assert again[key] == pytest.approx(saved[f"eval/{key}"], abs=1e-5), key
     vessels = sum(len(generate_sample(sample_rng(0, "validation", i), **COAST).vessels) for i in range(4))
     assert sum(group["vessels"] for group in again["vessel_accuracy"].values()) == vessels
     processor = AutoImageProcessor.from_pretrained(best)
@@ -302,7 +303,7 @@ def test_resumed_segmentation_run_ends_with_the_weights_of_an_uninterrupted_run(
     import xt_hf.training.loop as loop_module
 
     settings = dict(batch_size=2, gradient_accumulation_steps=2, max_steps=5, checkpointing_steps=2,
-                    checkpoints_total_limit=None, grad_ratio=0.5, eval_steps=2)
+                    checkpoints_total_limit=0, model_overrides={"grad_ratio": 0.5}, eval_steps=2)
     train_module.main(script_arguments(coastline_data, segmenter_config_file, tmp_path / "uninterrupted", **settings))
 
     original_save = loop_module.save_checkpoint
@@ -334,15 +335,13 @@ def test_resumed_segmentation_run_ends_with_the_weights_of_an_uninterrupted_run(
 
 
 def test_coastline_experiment_configs_differ_only_in_the_context_encoder():
-    import dataclasses
-
     from conftest import REPO_ROOT
 
     from xt_hf.training import TrainConfig, read_config_file
 
     configs = {name: TrainConfig.from_dict(read_config_file(REPO_ROOT / f"configs/train/coastline_{name}.yaml"))
                for name in ("context", "nocontext")}
-    context, nocontext = (dataclasses.asdict(configs[name]) for name in ("context", "nocontext"))
+    context, nocontext = (configs[name].to_dict() for name in ("context", "nocontext"))
     assert {key for key in context if context[key] != nocontext[key]} == {"model_overrides", "output_dir"}
     assert nocontext["model_overrides"] == {"context_encoder": "none"} and context["model_overrides"] == {}
     assert context["report_to"] == "none"  # the word, not a null
@@ -401,7 +400,7 @@ def test_segmentation_eval_metrics_equal_the_mean_iou_metric(coastline_data, fre
     torch.manual_seed(0)
     model = XTForSemanticSegmentation(segmentation_config()).eval()
     processor = XTImageProcessor(region_size=REGION)
-    task = SegmentationTask(TrainConfig(model="m.json", dataset="d"))
+    task = SegmentationTask(TrainConfig.from_dict({"model": "m.json", "dataset": "d"}))
     dataset = task.prepare(load_from_disk(str(coastline_data))["validation"], processor, model.config)
     accelerator = Accelerator(cpu=True)
     loader = accelerator.prepare(DataLoader(dataset, batch_size=3, collate_fn=task.collator(processor, model.config)))

@@ -7,8 +7,9 @@
     xt-hf train --config FILE     fine-tune with Accelerate
 
 A package of its own, beside `xt_hf`: importing anything inside `xt_hf` imports torch and registers the
-models (seconds), while help and argument errors should answer at once. So parsers are built here from the
-standard library alone, and a command imports `xt_hf` only when it runs.
+models (seconds), while help and argument errors should answer at once. So the parsers of the inference commands
+are built here from the standard library alone, and a command imports `xt_hf` only when it runs. `train` is the
+exception: its flags are the training settings' dataclasses in `xt_hf.training.arguments`, so its help imports them.
 """
 
 from __future__ import annotations

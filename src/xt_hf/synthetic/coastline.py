@@ -196,7 +196,7 @@ def generate_dataset(
 
 class VesselScores:
     """Whole-vessel accuracy of class maps predicted for a generated split (reported by
-    `xt_hf.training.segmentation_evaluation`): each vessel's class is the majority prediction over its pixels,
+    `xt_hf.training.score`): each vessel's class is the majority prediction over its pixels,
     counted apart for vessels whose own region shows land and those whose region does not (only context can tell
     the latter apart).
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     """The `generate_sample` options but the seed, for generating a folder and for scoring its vessels again
-    (`python -m xt_hf.training.segmentation_evaluation`): both must be given the same."""
+    (`python -m xt_hf.training.score`): both must be given the same."""
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--region-size", type=int, default=64)
     parser.add_argument("--vessels", type=int, nargs=2, metavar=("MIN", "MAX"), default=(6, 12),

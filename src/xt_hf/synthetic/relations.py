@@ -21,7 +21,7 @@ rest (`markers_per_colour=1` gives the single-marker variant); docs/fine-tuning.
 chose the disc sizes.
 
     python -m xt_hf.synthetic.relations --output data/relations --train 4000 --validation 256 --test 1000
-    python -m xt_hf.synthetic.relations --evaluate outputs/relations_xt/best --data data/relations   # held-out top-1
+    python -m xt_hf.training.score outputs/relations_xt/best --dataset data/relations   # held-out top-1
 """
 
 from __future__ import annotations
@@ -217,28 +217,6 @@ def shortcut_check(num_samples: int = 2000, *, seed: int = 0, image_size: int = 
             "linear_probe_heldout_accuracy": probe_accuracy, "chance": 1 / len(LABELS)}
 
 
-def evaluate_model(model_path: str, data_path: str, split: str = "test", batch_size: int = 16) -> dict[str, object]:
-    """Top-1 accuracy and the confusion matrix of a saved classifier on one split of a generated dataset."""
-    import torch
-    from datasets import load_from_disk
-    from transformers import AutoModelForImageClassification
-
-    from ..image_processing_xt import XTImageProcessor
-
-    model = AutoModelForImageClassification.from_pretrained(model_path).eval()
-    processor = XTImageProcessor.from_pretrained(model_path)
-    dataset = load_from_disk(data_path)[split]
-    confusion = np.zeros((len(LABELS), len(LABELS)), dtype=int)
-    with torch.inference_mode():
-        for start in range(0, len(dataset), batch_size):
-            rows = dataset[start : start + batch_size]
-            logits = model(**processor(rows["image"], return_tensors="pt")).logits
-            np.add.at(confusion, (np.asarray(rows["label"]), logits.argmax(-1).numpy()), 1)
-    return {"model": model_path, "split": split, "samples": int(confusion.sum()),
-            "top1": float(np.trace(confusion) / confusion.sum()), "confusion": confusion.tolist(),
-            "labels": list(LABELS)}
-
-
 def main(argv: list[str] | None = None) -> None:
     import json
 
@@ -246,9 +224,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", help="folder for `DatasetDict.save_to_disk`")
     parser.add_argument("--check-shortcuts", type=int, metavar="N",
                         help="instead, generate N samples and report order-free statistics per class and a linear probe")
-    parser.add_argument("--evaluate", metavar="MODEL", help="instead, score a saved model on --split of --data")
-    parser.add_argument("--data", help="a folder written by --output (with --evaluate)")
-    parser.add_argument("--split", default="test", help="split to score with --evaluate (default test)")
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--validation", type=int, default=0)
     parser.add_argument("--test", type=int, default=400)
@@ -260,11 +235,6 @@ def main(argv: list[str] | None = None) -> None:
         report = shortcut_check(arguments.check_shortcuts, seed=arguments.seed, image_size=arguments.image_size,
                                 region_size=arguments.region_size)
         print(json.dumps(report, indent=2))
-        return
-    if arguments.evaluate:
-        if not arguments.data:
-            parser.error("--evaluate needs --data")
-        print(json.dumps(evaluate_model(arguments.evaluate, arguments.data, arguments.split)))
         return
     if not arguments.output:
         parser.error("--output is required")
@@ -278,5 +248,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["LABELS", "RelationSample", "evaluate_model", "generate_dataset", "generate_sample", "relation_label",
-           "sample_rng", "shortcut_check"]
+__all__ = ["LABELS", "RelationSample", "generate_dataset", "generate_sample", "relation_label", "sample_rng",
+           "shortcut_check"]

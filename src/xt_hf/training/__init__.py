@@ -1,13 +1,20 @@
 """Fine-tuning xT: settings (`arguments`), data (`data`, `segmentation_data`, `detection_data`), tasks (`tasks`),
 the Accelerate loop (`loop`), metrics (`evaluation`, the `evaluate` metric scripts in `metrics/`, and COCO mAP in
-`detection_evaluation`), scores of a saved model on a split (`detection_evaluation`, `segmentation_evaluation`),
-the command (`command`).
+`detection_evaluation`), scores of a saved model on a split (`score`), the command (`command`).
 
     from xt_hf.training import TrainConfig, train
     metrics = train(TrainConfig.from_dict({"model": "config.json", "dataset": "data/", "max_steps": 100}))
 """
 
-from .arguments import TrainConfig, apply_overrides, config_from_arguments, parse_args, read_config_file
+from .arguments import (
+    DataArguments,
+    ModelArguments,
+    OptimizationArguments,
+    RunArguments,
+    TrainConfig,
+    parse_args,
+    read_config_file,
+)
 from .data import (
     BadSampleError,
     RegionPaddingCollator,
@@ -54,10 +61,14 @@ __all__ = [
     "MEAN_IOU",
     "BadSampleError",
     "ClassificationTask",
+    "DataArguments",
     "DetectionMeanAP",
     "DetectionPaddingCollator",
     "DetectionTask",
+    "ModelArguments",
+    "OptimizationArguments",
     "RegionPaddingCollator",
+    "RunArguments",
     "SegmentationPaddingCollator",
     "SegmentationTask",
     "TrainConfig",
@@ -65,11 +76,9 @@ __all__ = [
     "XTSegmentationTransform",
     "XTDetectionTransform",
     "XTTransform",
-    "apply_overrides",
     "compute_detection_metrics",
     "compute_metrics",
     "compute_segmentation_metrics",
-    "config_from_arguments",
     "confusion_matrix",
     "dataset_label_names",
     "detection_id2label",

@@ -1,57 +1,78 @@
-"""Every setting of a training run: the `TrainConfig` dataclass, read through `transformers.HfArgumentParser`.
+"""Every setting of a training run, in four `HfArgumentParser` dataclasses: `ModelArguments`, `DataArguments`,
+`OptimizationArguments` and `RunArguments`. The loop receives them together as one frozen `TrainConfig`, which
+reads as if flat (`config.learning_rate`).
 
-Settings come from a YAML/JSON file (`--config`), then flags (`--learning-rate 3e-4`, or `--learning_rate`),
-then `--set key=value` (dotted keys reach into dict settings: `--set model_overrides.region_batch_size=16`);
-later sources win. `HfArgumentParser` builds one flag per field, with the field's `help` metadata, and builds
-the dataclass (`parse_dict`); what this module adds is a thin layer on top:
-
-- values are taken loosely typed and converted to the field's type (`3e-4`, `null`, `true`, `1e3` for an
-  int, YAML for dict fields), with an error that names the setting;
-- an unknown key (file, flag-free `--set`, `from_dict`) is an error that suggests the closest field name;
-- `--set` with dotted keys merges into dict fields instead of replacing them.
+A run's settings come from a YAML or JSON file (`--config`), then flags (`--learning-rate 3e-4`, or
+`--learning_rate`); flags win. The file's values become the parser's defaults, so they go through the same `type=`
+conversion as a flag (YAML reads `3e-4` as a string: it arrives as the float 3e-4); a key that is no setting is an
+error that suggests the closest one. Dict settings (`model_overrides`, `processor_overrides`) take a JSON object on
+the command line.
 
     config = TrainConfig.from_dict({"model": "m.json", "dataset": "d", "learning_rate": "3e-4"})
-    config = parse_args(["--config", "run.yaml", "--batch-size", "4", "--set", "model_overrides.grad_ratio=0.5"])
+    config = parse_args(["--config", "run.yaml", "--batch-size", "4", "--model-overrides", '{"grad_ratio": 0.5}'])
 """
 
-from __future__ import annotations
-
-# Only the standard library, yaml and transformers' argument parser, never torch or a module of `xt_hf`:
-# `xt_hf_cli.train` loads this file on its own to answer `xt-hf train --help` at once.
 import argparse
-import copy
 import dataclasses
 import difflib
 import json
+import sys
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from transformers import HfArgumentParser
 
-TASKS = ("auto", "classification", "segmentation", "detection")
-DESCRIPTION = "Fine-tune an xT classifier or segmenter with 🤗 Accelerate: one script from a laptop CPU to many GPUs."
-EPILOG = ("Settings come from the --config file, then flags, then --set; later sources win. "
-          "docs/fine-tuning.md describes every setting.")
+Task = Literal["auto", "classification", "segmentation", "detection"]
+LabelSource = Literal["auto", "model", "data"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
+TASKS = typing.get_args(Task)
+DESCRIPTION = ("Fine-tune an xT classifier, segmenter or detector with 🤗 Accelerate: one script from a laptop CPU "
+               "to many GPUs.")
+EPILOG = "Flags override the --config file. docs/fine-tuning.md describes every setting."
 
 
 @dataclass
-class TrainConfig:
-    """Every setting of a training run. Field names are the YAML keys and, with dashes, the flags; each field's
-    `help` metadata is its `--help` text (and its row in docs/fine-tuning.md)."""
+class ModelArguments:
+    """The model to fine-tune, what it predicts, and how it and its image processor differ from their saved form."""
 
-    # --- model and data -------------------------------------------------------------------------------
+    _argument_group_name = "model"
+
     model: str = field(default="", metadata={"help": "Hub id or local folder of a saved xT model, or an XTConfig "
-                                                     "JSON file (a new, randomly initialised model)."})
-    model_overrides: dict = field(default_factory=dict, metadata={
-        "help": "XTConfig fields to override, e.g. {region_batch_size: 16, context_num_layers: 4}."})
-    label_source: str = field(default="auto", metadata={
+                                                     "JSON/YAML file (a new, randomly initialised model)."})
+    # `dict | str | None` because that is how HfArgumentParser reads a JSON string from the command line (as
+    # TrainingArguments does); __post_init__ leaves a dict.
+    model_overrides: dict | str | None = field(default_factory=dict, metadata={
+        "help": 'XTConfig fields to override, e.g. {"region_batch_size": 16, "grad_ratio": 0.5}.'})
+    processor_overrides: dict | str | None = field(default_factory=dict, metadata={
+        "help": 'XTImageProcessor settings, e.g. {"do_resize": true}.'})
+    task: Task = field(default="auto", metadata={
+        "help": "'segmentation' when the model is an XTForSemanticSegmentation or the training split has "
+                "`mask_column`, 'detection' when the model is an XTForObjectDetection or the training split has an "
+                "`objects` column (COCO boxes), else 'classification'; 'auto' chooses so."})
+    label_source: LabelSource = field(default="auto", metadata={
         "help": "Where the class list comes from: 'model' (the model config's id2label; other labels are errors), "
                 "'data' (the training split's labels; a new head if they differ), or 'auto' ('model' when the "
                 "config names classes and the training labels are among them, else 'data')."})
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("Set `model`: a Hub id, a saved model folder, or an XTConfig JSON file.")
+        self.model_overrides = json_object("model_overrides", self.model_overrides)
+        self.processor_overrides = json_object("processor_overrides", self.processor_overrides)
+        check_choice("task", self.task, Task)
+        check_choice("label_source", self.label_source, LabelSource)
+
+
+@dataclass
+class DataArguments:
+    """Which samples, from where, in which columns, and how they are loaded."""
+
+    _argument_group_name = "data"
+
     dataset: str = field(default="", metadata={
         "help": "A Hub dataset name, 'imagefolder:PATH', or a folder written by save_to_disk."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
@@ -62,22 +83,26 @@ class TrainConfig:
         "help": "Without an eval split, hold out this fraction of the training split (seeded)."})
     image_column: str | None = field(default=None, metadata={"help": "Image column; by default the Image feature."})
     label_column: str = field(default="label", metadata={"help": "Label column (classification)."})
-    task: str = field(default="auto", metadata={
-        "help": "'classification', 'segmentation', 'detection', or 'auto': segmentation when the model is an "
-                "XTForSemanticSegmentation or the training split has `mask_column`, detection when the model is an "
-                "XTForObjectDetection or the training split has an `objects` column (COCO boxes), else "
-                "classification."})
     mask_column: str = field(default="mask", metadata={
         "help": "Segmentation masks: an Image feature (mode L/P/I) or 2-D array of class ids per pixel, the size "
                 "of its image; XTConfig.semantic_loss_ignore_index (255) marks unlabelled pixels."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval samples."})
-    processor_overrides: dict = field(default_factory=dict, metadata={
-        "help": "XTImageProcessor settings, e.g. {do_resize: true}."})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per device."})
 
-    # --- optimisation ---------------------------------------------------------------------------------
-    output_dir: str = field(default="xt-finetuned", metadata={"help": "Where checkpoints, logs and best/ go."})
-    seed: int = field(default=0, metadata={"help": "Seed of the initialisation, the data order and every step."})
+    def __post_init__(self):
+        if not self.dataset:
+            raise ValueError("Set `dataset`: a Hub dataset name, 'imagefolder:PATH', or a save_to_disk folder.")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"`eval_fraction` must be in [0, 1), got {self.eval_fraction}.")
+
+
+@dataclass
+class OptimizationArguments:
+    """How long, in what batches, with which optimizer, schedule, loss and precision."""
+
+    _argument_group_name = "optimisation"
+
     num_epochs: float = field(default=10.0, metadata={"help": "Epochs to train (ignored when max_steps is set)."})
     max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps to train; overrides num_epochs."})
     batch_size: int = field(default=8, metadata={"help": "Images per device per forward pass."})
@@ -102,22 +127,33 @@ class TrainConfig:
     max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient clipping norm (xT: 5.0); 0 disables."})
     label_smoothing: float = field(default=0.3, metadata={
         "help": "Label smoothing of the classification cross-entropy (xT: 0.3); segmentation uses the model's loss."})
-    mixed_precision: str | None = field(default=None, metadata={
-        "help": "no, bf16 or fp16 (Accelerate autocast); null: the `accelerate launch` config's setting, else no."})
+    mixed_precision: MixedPrecision | None = field(default=None, metadata={
+        "help": "Accelerate autocast; unset (null), the `accelerate launch` config's setting, else no."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute backbone and context-encoder activations in the backward pass."})
-    grad_ratio: float | None = field(default=None, metadata={
-        "help": "Fraction of regions that keep gradients each step (XTConfig.grad_ratio)."})
-    region_batch_size: int | None = field(default=None, metadata={
-        "help": "Regions encoded at a time (XTConfig.region_batch_size); bounds activation memory."})
 
-    # --- data loading, evaluation, checkpoints, logging -----------------------------------------------
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per device."})
+    def __post_init__(self):
+        for name in ("batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be ≥ 1, got {getattr(self, name)}.")
+        if self.mixed_precision is not None:
+            check_choice("mixed_precision", self.mixed_precision, MixedPrecision)
+
+
+@dataclass
+class RunArguments:
+    """Where the run writes, when it evaluates, saves and logs, and on what hardware."""
+
+    _argument_group_name = "run"
+
+    output_dir: str = field(default="xt-finetuned", metadata={"help": "Where checkpoints, logs and best/ go."})
+    seed: int = field(default=0, metadata={"help": "Seed of the initialisation, the data order and every step."})
     eval_steps: int | None = field(default=None, metadata={
         "help": "Evaluate every N optimizer steps; default at the end of each epoch. Always at the end."})
     checkpointing_steps: int | None = field(default=500, metadata={
-        "help": "Save the full training state every N optimizer steps (and at the end); null disables."})
-    checkpoints_total_limit: int | None = field(default=2, metadata={"help": "Keep only the newest N checkpoints."})
+        "help": "Save the full training state every N optimizer steps (and at the end); 0 or null disables."})
+    checkpoints_total_limit: int | None = field(default=2, metadata={
+        "help": "Keep only the newest N checkpoints; 0 or null keeps all."})
     resume: str = field(default="auto", metadata={
         "help": "'auto' (newest checkpoint in output_dir, if any), 'none', or a checkpoint folder."})
     logging_steps: int = field(default=10, metadata={"help": "Log training metrics every N optimizer steps."})
@@ -132,88 +168,68 @@ class TrainConfig:
         "help": "At the end, hash each process's weights into output_dir/weights_rank{R}.sha256 and fail if "
                 "the replicas differ (a data-parallel sanity check)."})
 
-    # `HfArgumentParser` puts the flags of this dataclass in an argument group of this name.
-    _argument_group_name = "settings (each overrides the config file)"
+    def __post_init__(self):
+        if self.logging_steps < 1:
+            raise ValueError(f"`logging_steps` must be ≥ 1, got {self.logging_steps}.")
+
+
+ARGUMENT_GROUPS = (ModelArguments, DataArguments, OptimizationArguments, RunArguments)
+SETTING_NAMES = tuple(item.name for group in ARGUMENT_GROUPS for item in dataclasses.fields(group))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The settings of one training run: its four argument groups, read as one (`config.learning_rate` is
+    `config.optimization_arguments.learning_rate`)."""
+
+    model_arguments: ModelArguments
+    data_arguments: DataArguments
+    optimization_arguments: OptimizationArguments
+    run_arguments: RunArguments
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only for names that are not a field of the container: look the setting up in its group.
+        for group in self.__dict__.values():
+            if name in group.__dataclass_fields__:
+                return getattr(group, name)
+        raise AttributeError(f"{type(self).__name__} has no setting {name!r}.")
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Build and validate a config from loosely typed values (YAML, flags), naming any unknown or ill-typed
-        key; dashes in keys count as underscores."""
-        (config,) = train_argument_parser().parse_dict(coerce_settings(values))
-        config.validate()
-        return config
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """The config of a mapping of settings (as in a config file); values may be strings, as on the command line."""
+        return parse_settings(values)
 
-    def validate(self) -> None:
-        if not self.model:
-            raise ValueError("Set `model`: a Hub id, a saved model folder, or an XTConfig JSON file.")
-        if not self.dataset:
-            raise ValueError("Set `dataset`: a Hub dataset name, 'imagefolder:PATH', or a save_to_disk folder.")
-        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
-            raise ValueError(f"`mixed_precision` must be no, bf16 or fp16, got {self.mixed_precision!r}.")
-        if self.task not in TASKS:
-            raise ValueError(f"`task` must be one of {', '.join(TASKS)}, got {self.task!r}.")
-        if self.label_source not in ("auto", "model", "data"):
-            raise ValueError(f"`label_source` must be auto, model or data, got {self.label_source!r}.")
-        for name in ("batch_size", "gradient_accumulation_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be ≥ 1, got {getattr(self, name)}.")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"`eval_fraction` must be in [0, 1), got {self.eval_fraction}.")
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting by name: what a `--config` file of this run holds."""
+        return {name: value for group in self.__dict__.values() for name, value in dataclasses.asdict(group).items()}
 
 
-FIELD_NAMES = tuple(item.name for item in dataclasses.fields(TrainConfig))
-FIELD_TYPES = typing.get_type_hints(TrainConfig)
+def json_object(name: str, value: dict | str | None) -> dict:
+    """A dict setting as a dict: given as a mapping (config file), a JSON object (command line), or null."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`{name}` must be a JSON object, got {value!r} ({error}).") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"`{name}` must be a mapping (a JSON object), got {value!r}.")
+    return value
 
 
-def setting_name(key: str) -> str:
-    """`key` as a `TrainConfig` field name (dashes read as underscores); an unknown key is an error that suggests
-    the closest field."""
-    name = key.strip().replace("-", "_")
-    if name not in FIELD_NAMES:
-        close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
-        raise ValueError(f"Unknown training setting {name!r}" + (f"; did you mean {close[0]!r}?" if close else "."))
-    return name
+def check_choice(name: str, value: Any, choices: Any) -> None:
+    """argparse checks the choices of a flag, not those of a config file's value, which arrive as defaults."""
+    if value not in typing.get_args(choices):
+        raise ValueError(f"`{name}` must be one of {', '.join(typing.get_args(choices))}, got {value!r}.")
 
 
-def coerce_settings(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Loosely typed settings → `{field name: value of the field's type}`; unknown keys and bad values fail."""
-    settings = {}
-    for key, value in values.items():
-        name = setting_name(key)
-        settings[name] = _coerce(name, value, FIELD_TYPES[name])
-    return settings
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Turn a YAML value or a command-line string into the field's type (YAML reads `3e-4` as a string)."""
-    types = typing.get_args(hint) or (hint,)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
-        if type(None) in types:
-            return None
-        if value is not None and str in types:  # the word itself, as in `report_to: none` or `resume: none`
-            return value
-        raise ValueError(f"`{key}` cannot be null.")
-    try:
-        if bool in types:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "yes", "1", "on")
-            return bool(value)
-        if int in types:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if float in types:
-            return float(value)
-        if dict in types:
-            value = yaml.safe_load(value) if isinstance(value, str) else value
-            if not isinstance(value, dict):
-                raise ValueError(value)
-            return dict(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{key}` must be {hint}, got {value!r}.") from None
+def check_setting_names(keys) -> None:
+    """Every key must name a setting; the error suggests the closest one."""
+    for key in keys:
+        if key not in SETTING_NAMES:
+            close = difflib.get_close_matches(key, SETTING_NAMES, n=1)
+            raise ValueError(f"Unknown training setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else "."))
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -225,75 +241,49 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def apply_overrides(values: Mapping[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
-    """The `--set KEY=VALUE` layer: a copy of `values` with each assignment applied in order. A plain key
-    replaces the setting (the value is converted later, with the rest); a dotted key merges one YAML value into
-    a dict setting (`model_overrides.context_num_layers=4`)."""
-    values = copy.deepcopy(dict(values))
-    for assignment in assignments:
-        key, separator, raw = assignment.partition("=")
-        if not separator:
-            raise ValueError(f"--set expects KEY=VALUE, got {assignment!r}.")
-        head, *rest = key.strip().split(".")
-        head = setting_name(head)
-        if not rest:
-            values[head] = raw
-            continue
-        target = values.get(head)
-        if target is None:
-            target = values[head] = {}
-        if not isinstance(target, dict):
-            raise ValueError(f"--set {key}: `{head}` is not a dict setting.")
-        for part in rest[:-1]:
-            target = target.setdefault(part, {})
-        target[rest[-1]] = yaml.safe_load(raw)
-    return values
-
-
 def train_argument_parser(**kwargs) -> HfArgumentParser:
-    """`--config`, `--set` and `HfArgumentParser`'s flags for every `TrainConfig` field (`--learning-rate` and
-    `--learning_rate`; booleans alone or with a value). Flags keep their strings (converted with the other
-    sources) and are absent from the parsed namespace unless given, so that they override only what they name."""
-    kwargs.setdefault("formatter_class", argparse.HelpFormatter)  # defaults are in the help texts
-    parser = HfArgumentParser(TrainConfig, **kwargs)
-    defaults = {item.name: item.default if item.default is not dataclasses.MISSING else item.default_factory()
-                for item in dataclasses.fields(TrainConfig)}
-    for action in parser._actions:
-        if action.dest in defaults:
-            action.type, action.default = None, argparse.SUPPRESS
-            types = typing.get_args(FIELD_TYPES[action.dest]) or (FIELD_TYPES[action.dest],)
-            action.metavar = next(kind.__name__.upper() for kind in types if kind is not type(None))
-            default = defaults[action.dest]
-            shown = "null" if default is None else json.dumps(default) if isinstance(default, dict | bool) else default
-            action.help = f"{action.help or ''} (default: {shown})".replace("%", "%%").lstrip()
-    parser.add_argument("--config", help="YAML or JSON file of settings (TrainConfig fields).")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="Override one setting; dotted keys reach into dicts. Repeatable; wins over flags.")
+    """`HfArgumentParser` over the four argument groups (a flag per setting, `--learning-rate` and
+    `--learning_rate`, a help group per dataclass), and `--config FILE`."""
+    parser = HfArgumentParser(ARGUMENT_GROUPS, **kwargs)
+    parser.add_argument("--config", help="YAML or JSON file of settings; flags override it.")
     return parser
 
 
-def train_command_parser(prog: str = "python -m xt_hf.training") -> HfArgumentParser:
-    """The parser of the `xt-hf train` command. It lives here, with the settings, because this module needs no
-    torch: `xt-hf train --help` and argument errors are answered from it alone (see `xt_hf_cli.train`)."""
-    return train_argument_parser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
+def parse_settings(values: Mapping[str, Any], argv: Sequence[str] = (),
+                   parser: HfArgumentParser | None = None) -> TrainConfig:
+    """The config of `values` (a config file's mapping) overridden by the flags in `argv`. Errors in the settings
+    raise ValueError naming the setting; argparse exits on `--help`."""
+    check_setting_names(values)
+    parser = parser or train_argument_parser()
+    parser.exit_on_error = False
+    # Defaults that are strings go through the flag's `type=`, as if given on the command line.
+    parser.set_defaults(**{name: value if value is None or isinstance(value, dict) else str(value)
+                           for name, value in values.items()})
+    try:
+        *groups, _, unknown = parser.parse_args_into_dataclasses(
+            list(argv), return_remaining_strings=True, look_for_args_file=False)
+    except argparse.ArgumentError as error:
+        raise ValueError(str(error)) from None
+    if unknown:
+        raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
+    return TrainConfig(*groups)
 
 
-def config_from_arguments(arguments: argparse.Namespace) -> TrainConfig:
-    """The config of a parsed command line: the `--config` file, then the flags given, then `--set`."""
-    values: dict[str, Any] = {}
-    if arguments.config:
-        try:
-            values = coerce_settings(read_config_file(arguments.config))
-        except ValueError as error:
-            raise ValueError(f"{arguments.config}: {error}") from None
-    values.update({name: getattr(arguments, name) for name in FIELD_NAMES if hasattr(arguments, name)})
-    return TrainConfig.from_dict(apply_overrides(values, arguments.set))
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> TrainConfig:
+    """`TrainConfig` from command-line arguments: `--config FILE`, then the flags."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = train_argument_parser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
+    config_file = known.config
+    try:
+        values = read_config_file(config_file) if config_file else {}
+        check_setting_names(values)
+    except ValueError as error:
+        raise ValueError(f"{config_file}: {error}") from None
+    return parse_settings(values, argv, parser)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """`TrainConfig` from command-line arguments (`--config FILE`, flags, `--set KEY=VALUE`)."""
-    return config_from_arguments(train_argument_parser().parse_args(argv))
-
-
-__all__ = ["TASKS", "TrainConfig", "apply_overrides", "coerce_settings", "config_from_arguments", "parse_args",
-           "read_config_file", "train_argument_parser", "train_command_parser"]
+__all__ = ["ARGUMENT_GROUPS", "TASKS", "DataArguments", "ModelArguments", "OptimizationArguments", "RunArguments",
+           "TrainConfig", "parse_args", "parse_settings", "read_config_file", "train_argument_parser"]

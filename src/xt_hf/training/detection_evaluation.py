@@ -18,9 +18,7 @@ ranges mean what COCO means.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -152,67 +150,12 @@ def compute_detection_metrics(eval_prediction, *, id2label: Mapping[int, str] | 
     return metric.compute()
 
 
-def evaluate_saved_detector(
-    model: str, dataset: str, split: str = "test", *, batch_size: int = 8, device: str = "cpu",
-) -> dict[str, float]:
-    """COCO metrics of a saved `XTForObjectDetection` (folder or Hub id, with its image processor) on one split of a
-    detection dataset (a `save_to_disk` folder or a Hub name), as the training script's eval computes them."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-    from torch.utils.data import DataLoader
-    from transformers import AutoModelForObjectDetection
-
-    from xt_hf import XTImageProcessor
-
-    from .detection_data import DetectionPaddingCollator, prepare_detection_dataset
-
-    detector = AutoModelForObjectDetection.from_pretrained(model).to(device).eval()
-    processor = XTImageProcessor.from_pretrained(model)
-    data = load_from_disk(dataset) if Path(dataset).is_dir() else load_dataset(dataset)
-    data = data[split] if isinstance(data, DatasetDict) else data
-    config = detector.config
-    label2id = config.label2id or {name: int(i) for i, name in (config.id2label or {}).items()}
-    prepared = prepare_detection_dataset(data, processor, num_labels=config.num_labels, label2id=label2id)
-    loader = DataLoader(prepared, batch_size=batch_size, collate_fn=DetectionPaddingCollator(processor.region_size,
-                                                                                               processor.pad_value))
-    metric = DetectionMeanAP(detector.config.id2label)
-    with torch.no_grad():
-        for batch in loader:
-            outputs = detector(pixel_values=batch["pixel_values"].to(device))
-            frame = tuple(batch["pixel_values"].shape[-2:])
-            metric.update(model_detections(outputs.logits, outputs.pred_boxes, frame),
-                          target_boxes(batch["labels"], frame))
-    return {"images": len(prepared), **metric.compute()}
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """`python -m xt_hf.training.detection_evaluation MODEL --dataset D [--split test]`: print the COCO metrics of
-    a saved detector on a split, as JSON."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
-    parser.add_argument("model", help="a saved XTForObjectDetection folder (or Hub id) with its image processor")
-    parser.add_argument("--dataset", required=True, help="a save_to_disk folder or a Hub dataset name")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
-    arguments = parser.parse_args(argv)
-    metrics = evaluate_saved_detector(arguments.model, arguments.dataset, arguments.split,
-                                      batch_size=arguments.batch_size, device=arguments.device)
-    print(json.dumps(metrics, indent=2))
-    return metrics
-
-
-if __name__ == "__main__":
-    main()
-
-
 __all__ = [
     "DetectionMeanAP",
     "class_agnostic",
     "compute_detection_metrics",
     "detection_metrics",
     "detection_predictions",
-    "evaluate_saved_detector",
     "model_detections",
     "target_boxes",
 ]

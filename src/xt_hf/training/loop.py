@@ -18,7 +18,6 @@ position in the data, and ends where an uninterrupted run would have.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -124,8 +123,8 @@ def train(config: TrainConfig) -> dict[str, float]:
     eval_loader = (DataLoader(eval_dataset, batch_size=config.eval_batch_size or config.batch_size, shuffle=False,
                               **loader_options) if eval_dataset is not None else None)
 
-    optimizer = torch.optim.AdamW(parameter_groups(model, config), betas=(config.adam_beta1, config.adam_beta2),
-                                  eps=config.adam_epsilon)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.optimization_arguments),
+                                  betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
     _fsdp_wrap_present_layers(accelerator, model)
     num_labels = model.config.num_labels
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -150,7 +149,7 @@ def train(config: TrainConfig) -> dict[str, float]:
                     progress.epoch, progress.batches_in_epoch)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+        (output_dir / "train_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     accelerator.init_trackers(config.project_name, config=_flat_hparams(config))
 
     total_batch = config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps
@@ -335,7 +334,7 @@ def _verify_replicas(accelerator, model, output_dir: Path) -> None:
 def _flat_hparams(config: TrainConfig) -> dict[str, Any]:
     """Tracker-friendly hyper-parameters: scalars only, dicts flattened to dotted keys."""
     flat = {}
-    for key, value in dataclasses.asdict(config).items():
+    for key, value in config.to_dict().items():
         if isinstance(value, dict):
             flat.update({f"{key}.{k}": v if isinstance(v, int | float | str | bool) else str(v)
                          for k, v in value.items()})

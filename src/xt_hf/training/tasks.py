@@ -27,7 +27,7 @@ from xt_hf import (
     XTImageProcessor,
 )
 
-from .arguments import TrainConfig, read_config_file
+from .arguments import OptimizationArguments, TrainConfig, read_config_file
 from .data import RegionPaddingCollator, has_named_labels, infer_id2label, prepare_dataset
 from .detection_data import (
     DetectionPaddingCollator,
@@ -94,12 +94,15 @@ class ClassificationTask:
         logits = model(pixel_values=batch["pixel_values"]).logits
         return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.config.label_smoothing)
 
-    def evaluate(self, model, loader, accelerator) -> dict[str, float]:
-        """Plain cross-entropy (no smoothing), top-1 (the `accuracy` metric) and top-5 over the whole eval split."""
+    def evaluate(self, model, loader, accelerator, on_batch=None) -> dict[str, float]:
+        """Plain cross-entropy (no smoothing), top-1 (the `accuracy` metric) and top-5 over the whole eval split.
+        `on_batch(batch, predicted class ids (batch,))`, if given, sees this process's batches."""
         all_logits, all_labels, losses = [], [], []
         for batch in loader:
             logits = model(pixel_values=batch["pixel_values"]).logits.float()
             losses.append(F.cross_entropy(logits, batch["labels"], reduction="sum")[None])
+            if on_batch is not None:
+                on_batch(batch, logits.argmax(dim=-1))
             logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
             all_logits.append(logits.cpu())
             all_labels.append(labels.cpu())
@@ -141,9 +144,10 @@ class SegmentationTask:
             return outputs.logits.float().sum() * 0.0
         return outputs.loss
 
-    def evaluate(self, model, loader, accelerator) -> dict[str, float]:
+    def evaluate(self, model, loader, accelerator, on_batch=None) -> dict[str, float]:
         """The model's loss, and the `mean_iou` metric's results from one confusion matrix summed over every
-        eval pixel of every process."""
+        eval pixel of every process. `on_batch(batch, class maps (batch, H, W))`, if given, sees this process's
+        batches."""
         model_config = accelerator.unwrap_model(model).config
         num_labels, ignore = model_config.num_labels, model_config.semantic_loss_ignore_index
         confusions = []
@@ -155,6 +159,8 @@ class SegmentationTask:
                 loss_sum += outputs.loss.float() * len(batch["labels"])
                 loss_count += len(batch["labels"])
             predictions = logits_to_class_maps(outputs.logits, batch["labels"].shape[-2:])
+            if on_batch is not None:
+                on_batch(batch, predictions)
             # Per image, so that gather_for_metrics can drop the samples repeated to even out the last batch.
             confusion = confusion_matrix(predictions, batch["labels"], num_labels, ignore, per_sample=True)
             confusions.append(accelerator.gather_for_metrics(confusion).cpu())
@@ -203,9 +209,10 @@ class DetectionTask:
     def loss(self, model, batch: dict) -> torch.Tensor:
         return model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
 
-    def evaluate(self, model, loader, accelerator) -> dict[str, float]:
+    def evaluate(self, model, loader, accelerator, on_batch=None) -> dict[str, float]:
         """The model's loss, and COCO metrics over every image of the eval split (all processes' detections
-        gathered, the samples repeated to even out the last batch dropped)."""
+        gathered, the samples repeated to even out the last batch dropped). `on_batch(batch, detections)`, if
+        given, sees this process's batches and their detections as `model_detections` gives them."""
         model_config = accelerator.unwrap_model(model).config
         metric = DetectionMeanAP(model_config.id2label)
         loss_sum = torch.zeros((), device=accelerator.device)
@@ -215,8 +222,10 @@ class DetectionTask:
             loss_sum += outputs.loss.float() * len(batch["labels"])
             loss_count += len(batch["labels"])
             frame = tuple(batch["pixel_values"].shape[-2:])
-            pairs = list(zip(model_detections(outputs.logits, outputs.pred_boxes, frame),
-                             target_boxes(batch["labels"], frame)))
+            detections = model_detections(outputs.logits, outputs.pred_boxes, frame)
+            if on_batch is not None:
+                on_batch(batch, detections)
+            pairs = list(zip(detections, target_boxes(batch["labels"], frame)))
             if accelerator.num_processes > 1:
                 pairs = accelerator.gather_for_metrics(pairs, use_gather_object=True)
             metric.update([p for p, _ in pairs], [t for _, t in pairs])
@@ -248,9 +257,6 @@ def load_model_config(config: TrainConfig):
 def load_model_and_processor(config: TrainConfig, model_config, task, train_split):
     """The task's model (pretrained or new) with the training class list, and its image processor."""
     overrides = dict(config.model_overrides)
-    for name in ("grad_ratio", "region_batch_size"):
-        if getattr(config, name) is not None:
-            overrides[name] = getattr(config, name)
     labels, new_head = task.labels(model_config, train_split)
 
     from_config_file = is_config_file(config.model)
@@ -286,21 +292,21 @@ def is_config_file(model: str) -> bool:
     return path.is_file() and path.suffix in (".json", ".yaml", ".yml")
 
 
-def parameter_groups(model, config: TrainConfig) -> list[dict]:
+def parameter_groups(model, optimization: OptimizationArguments) -> list[dict]:
     """AdamW groups: region encoder / context encoder / head, each with and without weight decay.
 
     A group whose learning rate is 0 is frozen (`requires_grad=False`) rather than stepped with lr 0.
     """
     rates = {
-        "region_encoder": config.region_encoder_learning_rate,
-        "context_encoder": config.context_encoder_learning_rate,
-        "head": config.head_learning_rate,
+        "region_encoder": optimization.region_encoder_learning_rate,
+        "context_encoder": optimization.context_encoder_learning_rate,
+        "head": optimization.head_learning_rate,
     }
     groups: dict[tuple[str, bool], list] = {}
     for name, parameter in model.named_parameters():
         part = ("region_encoder" if ".region_encoder." in f".{name}" else
                 "context_encoder" if ".context_encoder." in f".{name}" else "head")
-        rate = rates[part] if rates[part] is not None else config.learning_rate
+        rate = rates[part] if rates[part] is not None else optimization.learning_rate
         if rate == 0:
             parameter.requires_grad_(False)
             continue
@@ -309,8 +315,8 @@ def parameter_groups(model, config: TrainConfig) -> list[dict]:
         no_decay = parameter.ndim <= 1 or name.endswith(".bias") or "cls_token" in name or "position" in name
         groups.setdefault((part, no_decay), []).append(parameter)
     return [
-        {"params": params, "lr": rates[part] if rates[part] is not None else config.learning_rate,
-         "weight_decay": 0.0 if no_decay else config.weight_decay, "name": f"{part}{'_no_decay' if no_decay else ''}"}
+        {"params": params, "lr": rates[part] if rates[part] is not None else optimization.learning_rate,
+         "weight_decay": 0.0 if no_decay else optimization.weight_decay, "name": f"{part}{'_no_decay' if no_decay else ''}"}
         for (part, no_decay), params in groups.items()
     ]
 
