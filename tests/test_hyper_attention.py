@@ -9,7 +9,8 @@ from conftest import REGION, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from xt_hf import XTForImageClassification
-from xt_hf.hyper_attention import AngularLSH, hyper_attention
+from xt_hf.engine import attention as engine_attention
+from xt_hf.hyper_attention import AngularLSH, HyperAttentionPlan, draw_hyper_attention, hyper_attention
 
 # Small problems that take the approximate path: 512 tokens, 16 blocks of 32 keys, 32 sampled keys,
 # exact causal leaves of 64 tokens.
@@ -216,102 +217,89 @@ def test_bfloat16_is_as_accurate_as_float32(causal):
     assert approximates(bfloat16, exact, "matched", causal)
 
 
-@pytest.mark.parametrize("length", [512, 515])
-def test_fused_inference_path_matches_the_plain_autograd_path(length):
-    # In chunks (the engine's path), exact pieces run in PyTorch's fused CPU kernel; otherwise in plain PyTorch.
-    query, key, value = random_qkv(length=length)
+# ---- the engine's schedule: same draws, same pieces, a head and a chunk of rows at a time ---------------------
+
+def engine_hyper_attention(query, key, value, *, causal, generator=None, heads=None, out=None, fused=True):
+    """`hyper_attention` as the engine runs it: the layer's draws made once for all heads, then each head on its
+    own (`heads`: which ones, all by default) into its slice of `out`."""
+    batch, total, length, head_dim = query.shape
+    draws = draw_hyper_attention(batch, total, length, head_dim, causal=causal, generator=generator, **SMALL)
+    out = torch.empty(batch, total, length, value.shape[-1], dtype=query.dtype) if out is None else out
+    kernel = {"exact_attention": engine_attention.fused_attention_with_lse} if fused else {}
     with torch.no_grad():
-        fused = hyper_attention(query, key, value, scale=SCALE, causal=True, in_chunks=True, **SMALL)
-    plain = hyper_attention(query.requires_grad_(), key, value, scale=SCALE, causal=True, **SMALL)
-    torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-6)
+        for head in range(total) if heads is None else heads:
+            plan = HyperAttentionPlan(engine_attention.draws_of_head(draws, head), scale=SCALE,
+                                      block_size=SMALL["block_size"], sample_size=SMALL["sample_size"],
+                                      min_seq_len=SMALL["min_seq_len"], **kernel)
+            part = (t[:, head : head + 1] for t in (query, key, value))
+            returned = engine_attention.hyper_attention_into(*part, plan, causal=causal, out=out[:, head : head + 1])
+            assert returned.data_ptr() == out[:, head : head + 1].data_ptr()
+    return out
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("heads_at_once", [1, 3])
-def test_heads_at_a_time_replay_the_all_heads_approximation(causal, heads_at_once):
-    # Same projections and the same residual samples per head: only float rounding may differ.
-    query, key, value = random_qkv(length=300)  # not a power of two: padding at every causal level
-    with torch.no_grad():
-        together = hyper_attention(query, key, value, scale=SCALE, causal=causal, **SMALL)
-        apart = hyper_attention(query, key, value, scale=SCALE, causal=causal, heads_at_once=heads_at_once, **SMALL)
-    torch.testing.assert_close(apart, together, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("length", [300, 301, 512, 515])  # causal padding at every level, at the first only, nowhere
+def test_the_engine_schedule_matches_the_model_forward(causal, length):
+    """Head by head, level by level, a chunk of rows at a time, exact pieces in PyTorch's fused CPU kernel."""
+    query, key, value = random_qkv(length=length)
+    plain = hyper_attention(*(t.clone().requires_grad_() for t in (query, key, value)), scale=SCALE, causal=causal,
+                            **SMALL)
+    for fused in (True, False):
+        engine = engine_hyper_attention(query, key, value, causal=causal, fused=fused)
+        torch.testing.assert_close(engine, plain.detach(), rtol=1e-5, atol=1e-6)
     exact = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=SCALE)
-    assert not torch.allclose(together, exact, atol=1e-3), "the test must exercise the approximate path"
+    assert not torch.allclose(plain, exact, atol=1e-3), "the test must exercise the approximate path"
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_a_head_given_its_place_gets_the_all_heads_draws(causal):
-    """`head_range` lets a caller pass one head's q/k/v on its own (projected apart) and still get what the
-    all-heads call computes for that head."""
+def test_a_head_on_its_own_gets_the_all_heads_draws(causal):
+    """The engine projects and attends one head at a time: head 2 alone is head 2 of the all-heads call."""
     query, key, value = random_qkv(length=300)
-    with torch.no_grad():
-        together = hyper_attention(query, key, value, scale=SCALE, causal=causal, **SMALL)
-        for head in range(query.shape[1]):
-            alone = hyper_attention(*(t[:, head : head + 1] for t in (query, key, value)), scale=SCALE, causal=causal,
-                                    head_range=(head, query.shape[1]), **SMALL)
-            torch.testing.assert_close(alone, together[:, head : head + 1], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="head_range"):
-        hyper_attention(query, key, value, scale=SCALE, causal=causal, head_range=(1, query.shape[1]), **SMALL)
-
-
-@pytest.mark.parametrize("length", [300, 301, 512])  # padding at every level, at the first only, nowhere
-def test_causal_inference_level_by_level_matches_the_autograd_recursion(length):
-    """Without autograd, causal HyperAttention runs level by level (less memory); with it, recursively."""
-    query, key, value = random_qkv(length=length)
-    recursive = hyper_attention(*(t.clone().requires_grad_() for t in (query, key, value)), scale=SCALE,
-                                causal=True, **SMALL)
-    with torch.no_grad():
-        by_levels = hyper_attention(query, key, value, scale=SCALE, causal=True, in_chunks=True, **SMALL)
-    torch.testing.assert_close(by_levels, recursive.detach(), rtol=1e-5, atol=1e-6)
+    generator = torch.Generator().manual_seed(11)
+    together = hyper_attention(query, key, value, scale=SCALE, causal=causal, generator=generator, **SMALL)
+    alone = engine_hyper_attention(query, key, value, causal=causal, generator=torch.Generator().manual_seed(11),
+                                   heads=[2])
+    torch.testing.assert_close(alone[:, 2], together[:, 2], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("length", [300, 512])
-def test_inference_in_small_chunks_of_rows_matches_the_autograd_path(causal, length, monkeypatch):
-    """Without autograd every piece is computed and merged a chunk of rows at a time (by sorted blocks, or by
-    causal segments): with chunks of a few rows, over a batch of two, the result must not change."""
-    import xt_hf.hyper_attention as module
-
+def test_the_engine_in_small_chunks_of_rows_matches_the_model_forward(causal, length, monkeypatch):
+    """Every piece is computed and merged a chunk of rows at a time (by sorted blocks, or by causal segments):
+    with chunks of a few rows, over a batch of two, the result must not change."""
     generator = torch.Generator().manual_seed(3)
     query, key, value = (torch.randn(2, 3, length, HEAD_DIM, generator=generator) for _ in range(3))
-    with_autograd = hyper_attention(*(t.clone().requires_grad_() for t in (query, key, value)), scale=SCALE,
-                                    causal=causal, **SMALL)
-    monkeypatch.setattr(module, "_ROWS_PER_CHUNK", 40)
-    with torch.no_grad():
-        chunked = hyper_attention(query, key, value, scale=SCALE, causal=causal, in_chunks=True, **SMALL)
-    torch.testing.assert_close(chunked, with_autograd.detach(), rtol=1e-5, atol=1e-6)
+    plain = hyper_attention(*(t.clone().requires_grad_() for t in (query, key, value)), scale=SCALE, causal=causal,
+                            **SMALL)
+    monkeypatch.setattr(engine_attention, "_ROWS_PER_CHUNK", 40)
+    chunked = engine_hyper_attention(query, key, value, causal=causal)
+    torch.testing.assert_close(chunked, plain.detach(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_out_receives_the_result_in_place_of_a_new_tensor(causal):
+def test_the_engine_writes_into_a_strided_buffer_and_a_bfloat16_one(causal):
     query, key, value = random_qkv(length=300)
     expected = hyper_attention(query, key, value, scale=SCALE, causal=causal, **SMALL)
-    # One head's slice of a (batch, L, heads · head_dim) buffer, as the context encoder's in-place block uses.
+    # Each head's slice of a (batch, L, heads · head_dim) buffer: not one view of rows, so merged aside and copied.
     merged = torch.full((BATCH, 300, HEADS * HEAD_DIM), float("nan"))
-    with torch.no_grad():
-        for head in range(HEADS):
-            out = merged[..., head * HEAD_DIM : (head + 1) * HEAD_DIM].unsqueeze(1)
-            returned = hyper_attention(*(t[:, head : head + 1] for t in (query, key, value)), scale=SCALE,
-                                       causal=causal, head_range=(head, HEADS), out=out, **SMALL)
-            assert returned.data_ptr() == out.data_ptr()
-    torch.testing.assert_close(merged.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2), expected, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="shape"):
-        hyper_attention(query, key, value, scale=SCALE, causal=causal, out=torch.empty(1), **SMALL)
+    heads_view = merged.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2)
+    engine_hyper_attention(query, key, value, causal=causal, out=heads_view)
+    torch.testing.assert_close(heads_view, expected, rtol=1e-5, atol=1e-6)
+    bfloat16 = torch.empty(BATCH, HEADS, 300, HEAD_DIM, dtype=torch.bfloat16)
+    engine_hyper_attention(query, key, value, causal=causal, out=bfloat16)
+    torch.testing.assert_close(bfloat16, expected.bfloat16())
 
 
-def test_heads_at_a_time_leave_a_given_generator_as_the_all_heads_call_does():
+def test_the_draws_are_all_the_randomness_of_a_call():
+    """`hyper_attention` draws exactly what `draw_hyper_attention` draws: the generator ends in the same state."""
     query, key, value = random_qkv(length=300)
-    together, apart = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        hyper_attention(query, key, value, scale=SCALE, causal=True, generator=together, **SMALL)
-        hyper_attention(query, key, value, scale=SCALE, causal=True, generator=apart, heads_at_once=1, **SMALL)
-    assert torch.equal(together.get_state(), apart.get_state())
-
-
-def test_inference_in_chunks_needs_inference_mode():
-    query, key, value = (t.requires_grad_() for t in random_qkv(length=300))
-    with pytest.raises(ValueError, match="inference"):
-        hyper_attention(query, key, value, scale=SCALE, causal=True, in_chunks=True, **SMALL)
+    by_forward, by_draws = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    hyper_attention(query, key, value, scale=SCALE, causal=True, generator=by_forward, **SMALL)
+    draws = draw_hyper_attention(*query.shape, causal=True, generator=by_draws, **SMALL)
+    assert torch.equal(by_forward.get_state(), by_draws.get_state())
+    # 300 tokens pad to 304: halves of 152 and 76 tokens (approximated, with samples), then of 38 (exact).
+    assert [None if drawn is None else tuple(drawn.shape) for drawn in draws.residual_keys] == [
+        (BATCH, HEADS, 32), (BATCH, 2 * HEADS, 32), None]
 
 
 class LargestTensor(TorchDispatchMode):
@@ -345,8 +333,6 @@ def test_invalid_arguments_raise_a_clear_error():
         hyper_attention(query, key[:, :, :4], value, scale=SCALE, causal=True)
     with pytest.raises(ValueError, match="block_size"):
         hyper_attention(query, key, value, scale=SCALE, causal=True, block_size=0)
-    with pytest.raises(ValueError, match="heads_at_once"):
-        hyper_attention(*random_qkv(length=100), scale=SCALE, causal=True, heads_at_once=0, **SMALL)
 
 
 # ---- in the model ------------------------------------------------------------------------------

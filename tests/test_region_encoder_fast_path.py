@@ -1,7 +1,7 @@
 """The fused Swin-v2 window attention (`swinv2_attention.py`) computes what transformers' eager modules compute.
 
-Each test builds one backbone, runs it with transformers' `Swinv2SelfAttention` (the reference) and again with the
-same module switched to `Swinv2SdpaSelfAttention`, and compares.
+Each test builds one backbone, runs it with transformers' `Swinv2SelfAttention` (the reference) and again with each
+such module replaced by a `Swinv2SdpaSelfAttention` holding its parameters, and compares.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_backbone_config, tiny_config
 from transformers import AutoBackbone, AutoConfig
-from transformers.models.swinv2.modeling_swinv2 import Swinv2SelfAttention
+from transformers.models.swinv2.modeling_swinv2 import Swinv2Attention, Swinv2SelfAttention
 
 from xt_hf import XTConfig, XTForImageClassification
 from xt_hf.swinv2_attention import Swinv2SdpaSelfAttention, set_swinv2_attention
@@ -155,6 +155,36 @@ def test_attention_implementations_share_one_state_dict():
     kinds = {type(m) for m in fused.modules()} & {Swinv2SelfAttention, Swinv2SdpaSelfAttention}
     assert kinds == {Swinv2SdpaSelfAttention}
     assert not {type(m) for m in eager.modules()} & {Swinv2SdpaSelfAttention}
+
+
+def test_switching_replaces_the_attention_child_and_keeps_its_parameters():
+    """The fused module is a new child of each `Swinv2Attention` holding the very parameter and buffer objects of
+    the eager one, under the same names; no module changes class, and switching back gives transformers' module."""
+    backbone = swinv2_backbone()
+    set_swinv2_attention(backbone, "eager")
+    eager_children = [module.self for module in backbone.modules() if isinstance(module, Swinv2Attention)]
+    before = dict(backbone.named_parameters()) | dict(backbone.named_buffers())
+    assert set_swinv2_attention(backbone, "sdpa") == len(eager_children) > 0
+    fused_children = [module.self for module in backbone.modules() if isinstance(module, Swinv2Attention)]
+    assert all(type(child) is Swinv2SdpaSelfAttention for child in fused_children)
+    assert all(type(child) is Swinv2SelfAttention for child in eager_children), "eager modules are left as they were"
+    after = dict(backbone.named_parameters()) | dict(backbone.named_buffers())
+    assert before.keys() == after.keys() and all(after[name] is tensor for name, tensor in before.items())
+    set_swinv2_attention(backbone, "eager")
+    assert all(type(module.self) is Swinv2SelfAttention for module in backbone.modules()
+               if isinstance(module, Swinv2Attention))
+    assert all(tensor is before[name] for name, tensor in (dict(backbone.named_parameters()) |
+                                                          dict(backbone.named_buffers())).items())
+
+
+def test_the_fused_attention_draws_no_random_numbers():
+    """Installed at construction, it must not shift the random initialisation of the modules built after it."""
+    torch.manual_seed(0)
+    fused = XTForImageClassification(tiny_config(region_encoder_attention="sdpa"))
+    torch.manual_seed(0)
+    eager = XTForImageClassification(tiny_config(region_encoder_attention="eager"))
+    for (name, reference), (_, candidate) in zip(eager.state_dict().items(), fused.state_dict().items(), strict=True):
+        assert torch.equal(candidate, reference), name
 
 
 def test_region_encoder_attention_does_not_change_xt_outputs():

@@ -75,45 +75,34 @@ class XTSelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden, bias=config.context_qkv_bias)
         self.proj = nn.Linear(hidden, hidden)
 
-    def forward(self, hidden_states: torch.Tensor, *, in_chunks: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`(batch, L, hidden)` → `(batch, L, hidden)` and, with eager attention, the attention weights.
-        `in_chunks`: see `attend`."""
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(batch, L, hidden)` → `(batch, L, hidden)` and, with eager attention, the attention weights."""
         batch, length, hidden = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        output, weights = self.attend(query, key, value, in_chunks=in_chunks)
+        output, weights = self.attend(query, key, value)
         return self.proj(output.reshape(batch, length, hidden)), weights
 
     def uses_hyper_attention(self, length: int) -> bool:
         return self.config.context_long_sequence_attention == "hyper" and length > self.config.hyper_min_seq_len
 
-    def attend(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, first_head: int = 0,
-        out: torch.Tensor | None = None, in_chunks: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention of `(batch, heads, L, head_dim)` → `(batch, L, heads, head_dim)` and eager weights.
+    def hyper_attention_options(self) -> dict:
+        """This layer's HyperAttention settings, keyword arguments of `hyper_attention` and `draw_hyper_attention`."""
+        config = self.config
+        return dict(causal=self.is_causal, lsh_num_projs=config.hyper_lsh_num_projs, block_size=config.hyper_block_size,
+                    sample_size=config.hyper_sample_size, min_seq_len=config.hyper_min_seq_len)
 
-        The pieces an execution engine needs to schedule attention itself (a head at a time, into a buffer):
-        `first_head` says which of the layer's heads `query` starts at when it holds only some of them, so
-        that HyperAttention draws for them what it draws in the all-heads call; `out` `(batch, heads, L', head_dim)`
-        receives the result (causal attention: its first `L' ≤ L` rows); `in_chunks` lets HyperAttention
-        compute and merge its pieces a chunk of rows at a time (inference only, see `hyper_attention`).
-        """
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of `(batch, heads, L, head_dim)` → `(batch, L, heads, head_dim)` and eager weights:
+        HyperAttention above `hyper_min_seq_len` in "hyper" layers, else the implementation that
+        `config._attn_implementation` names in transformers' attention interface (`ALL_ATTENTION_FUNCTIONS`)."""
         if self.uses_hyper_attention(query.shape[2]):
-            output = hyper_attention(
-                query, key, value, scale=self.scale, causal=self.is_causal,
-                lsh_num_projs=self.config.hyper_lsh_num_projs, block_size=self.config.hyper_block_size,
-                sample_size=self.config.hyper_sample_size, min_seq_len=self.config.hyper_min_seq_len,
-                head_range=(first_head, self.num_heads), out=out, in_chunks=in_chunks,
-            )
+            output = hyper_attention(query, key, value, scale=self.scale, **self.hyper_attention_options())
             return output.transpose(1, 2), None
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation or "sdpa", eager_attention)
-        output, weights = attention(self, query, key, value, None, scaling=self.scale, dropout=0.0,
-                                    is_causal=self.is_causal)
-        if out is not None:
-            out.copy_(output[:, : out.shape[2]].transpose(1, 2))
-            output = out.transpose(1, 2)
-        return output, weights
+        return attention(self, query, key, value, None, scaling=self.scale, dropout=0.0, is_causal=self.is_causal)
 
 
 class XTGatedMLP(nn.Module):
@@ -136,7 +125,8 @@ class XTAttentionBlock(GradientCheckpointingLayer):
     """Pre-norm block: `x + attn(RMSNorm(x))`, then `x + mlp(RMSNorm(x))`.
 
     `attention_update` and `feed_forward_update` are the two residual branches on their own, so that an
-    engine can apply them to parts of a sequence in place (`xt_hf.engine.context`).
+    engine can apply them to parts of a sequence in place (`xt_hf.engine.context`); it schedules the attention
+    itself from the layer's pieces (`qkv`, `attend`, `hyper_attention_options`, `proj`).
     """
 
     def __init__(self, config: XTConfig, layer_idx: int):
@@ -153,12 +143,9 @@ class XTAttentionBlock(GradientCheckpointingLayer):
         hidden_states = hidden_states + attended
         return hidden_states + self.feed_forward_update(hidden_states), weights
 
-    def attention_update(
-        self, hidden_states: torch.Tensor, *, in_chunks: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What the attention half adds to `(batch, L, hidden)`, and the eager attention weights; `in_chunks`:
-        HyperAttention without autograd, a chunk of rows at a time (`XTSelfAttention.attend`)."""
-        return self.attn(self.input_layernorm(hidden_states), in_chunks=in_chunks)
+    def attention_update(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the attention half adds to `(batch, L, hidden)`, and the eager attention weights."""
+        return self.attn(self.input_layernorm(hidden_states))
 
     def feed_forward_update(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """What the MLP half adds to each token of `(batch, n, hidden)` (token-wise: any slice of a sequence)."""

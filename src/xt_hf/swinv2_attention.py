@@ -8,8 +8,13 @@ Swin-v2's cosine attention folds into one fused attention call:
   = sdpa(q = normalize(q) · τ_h, k = normalize(k), v, attn_mask = B_h + M, scale = 1)
 
 with `τ_h = exp(min(logit_scale_h, log 100))` per head, `B = 16 · sigmoid(continuous position bias)` and `M` the
-shifted-window mask. The module keeps every parameter and buffer of the eager one (same `state_dict`), so a
-backbone switches between the two in place (`set_swinv2_attention`) and the eager module stays the reference.
+shifted-window mask.
+
+transformers' Swin-v2 does not dispatch through its attention interface (`ALL_ATTENTION_FUNCTIONS`): each
+`Swinv2Attention` calls its child `self`, a `Swinv2SelfAttention`. So the fused path plugs in as that child:
+`set_swinv2_attention` replaces it with a `Swinv2SdpaSelfAttention` built around the same parameters, buffers
+and layers under the same names, so the `state_dict` is unchanged (`XTRegionEncoder` does it at construction,
+before weights load) and the eager module stays the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.swinv2.modeling_swinv2 import Swinv2SelfAttention
+from transformers.models.swinv2.modeling_swinv2 import Swinv2Attention, Swinv2SelfAttention
 
 # The released Swin-v2 clamps the learned temperature at 100.
 _MAX_LOGIT_SCALE = math.log(100.0)
@@ -32,7 +37,15 @@ class Swinv2SdpaSelfAttention(Swinv2SelfAttention):
     `(windows, N, C)` → `(windows, N, C)`, windows image-major as the Swin layer cuts them; `attention_mask`
     is the layer's `(windows per image, N, N)` shifted-window mask or `None`. Asking for attention weights
     falls back to the eager computation, which is the only one that has them.
+
+    Built from an eager module (`Swinv2SdpaSelfAttention(eager)`), whose parameters it then holds.
     """
+
+    def __init__(self, eager: Swinv2SelfAttention):
+        # Not Swinv2SelfAttention.__init__, which would draw new random weights (and shift every later module's
+        # random initialisation) only for them to be replaced.
+        nn.Module.__init__(self)
+        _take_over(self, eager)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_attentions: bool | None = False) -> tuple[torch.Tensor, ...]:
@@ -102,16 +115,38 @@ class Swinv2SdpaSelfAttention(Swinv2SelfAttention):
         return 16 * torch.sigmoid(pairs)
 
 
-_IMPLEMENTATIONS = {"eager": Swinv2SelfAttention, "sdpa": Swinv2SdpaSelfAttention}
+def _take_over(module: nn.Module, source: Swinv2SelfAttention) -> nn.Module:
+    """Give `module` the settings, layers, parameters and buffers of `source`: the same objects, the same names."""
+    for name in ("num_attention_heads", "attention_head_size", "all_head_size", "window_size",
+                 "pretrained_window_size", "training"):
+        setattr(module, name, getattr(source, name))
+    for name, child in source.named_children():
+        module.add_module(name, child)
+    for name, parameter in source.named_parameters(recurse=False):
+        module.register_parameter(name, parameter)
+    for name, buffer in source.named_buffers(recurse=False):
+        module.register_buffer(name, buffer, persistent=name not in source._non_persistent_buffers_set)
+    return module
+
+
+def _eager(fused: Swinv2SdpaSelfAttention) -> Swinv2SelfAttention:
+    """transformers' module holding `fused`'s parameters (built without its `__init__`, like `fused` itself)."""
+    eager = Swinv2SelfAttention.__new__(Swinv2SelfAttention)
+    nn.Module.__init__(eager)
+    return _take_over(eager, fused)
 
 
 def set_swinv2_attention(backbone: nn.Module, implementation: Literal["eager", "sdpa"]) -> int:
-    """Switch every Swin-v2 window attention of `backbone` to `implementation`, in place, keeping its parameters,
-    buffers and `state_dict` keys. Returns the number of modules switched (0 for a backbone that is not Swin-v2)."""
-    target = _IMPLEMENTATIONS[implementation]
-    switched = 0
-    for module in backbone.modules():
-        if type(module) in _IMPLEMENTATIONS.values():
-            module.__class__ = target
-            switched += 1
-    return switched
+    """Make every Swin-v2 window attention of `backbone` the `implementation` one, replacing the attention child of
+    each `Swinv2Attention` by a module holding the same parameters and buffers (same `state_dict` keys). Returns
+    the number of Swin-v2 window attentions (0 for a backbone that is not Swin-v2)."""
+    if implementation not in ("eager", "sdpa"):
+        raise ValueError(f"Swin-v2 attention is 'eager' or 'sdpa', got {implementation!r}.")
+    parents = [module for module in backbone.modules() if isinstance(module, Swinv2Attention)]
+    for parent in parents:
+        fused = isinstance(parent.self, Swinv2SdpaSelfAttention)
+        if implementation == "sdpa" and not fused:
+            parent.self = Swinv2SdpaSelfAttention(parent.self)
+        elif implementation == "eager" and fused:
+            parent.self = _eager(parent.self)
+    return len(parents)

@@ -2,9 +2,10 @@
 
 The model's forward (`XTContextEncoder.encode`) keeps every intermediate a training step needs. Without
 autograd none of them is needed again, so here each block updates one token buffer in place through the
-block's own pieces (norms, projections, `attend`, `feed_forward_update`, the Mamba carry), and memory holds
-the tokens, the attention heads' outputs and chunks. With a spill directory both buffers live in files on
-disk (`spill.py`) and each chunk's pages are released once done. Same numbers as the model's forward up to
+block's own pieces (norms, projections, `feed_forward_update`, the Mamba carry; attention a head at a time by
+`attention.attend_head`, with the layer's random draws made once), and memory holds the tokens, the attention
+heads' outputs and chunks. With a spill directory both buffers live in files on disk (`spill.py`) and each
+chunk's pages are released once done. Same numbers as the model's forward up to
 float rounding (tests compare them).
 """
 
@@ -20,6 +21,7 @@ from ..context_encoder import ContextEncoding, XTContextEncoder
 from ..context_mamba import XTMambaBlock
 from ..hyper_attention import causal_padded_length
 from ..position_embedding import grid_cells
+from .attention import attend_head, layer_draws
 from .spill import IN_MEMORY, InMemory, token_storage
 
 
@@ -92,10 +94,13 @@ def encode_in_place(encoder: XTContextEncoder, tokens: torch.Tensor, storage: In
 def run_block(block: torch.nn.Module, hidden_states: torch.Tensor, chunk: int) -> torch.Tensor:
     """`block(hidden_states)[0]` without autograd for a sequence that fits in memory: an attention block's
     residual sum reuses the attention output's storage and its MLP half runs `chunk` tokens at a time in
-    place, since nothing needs the intermediate states again; other blocks run their own forward."""
+    place, since nothing needs the intermediate states again; HyperAttention runs a head at a time as for a
+    long sequence (`update_attention_block`, on a copy); other blocks run their own forward."""
     if not isinstance(block, XTAttentionBlock):
         return block(hidden_states)[0]
-    attended, _ = block.attention_update(hidden_states, in_chunks=True)
+    if block.attn.uses_hyper_attention(hidden_states.shape[1]):
+        return update_attention_block(block, hidden_states.clone(), chunk)
+    attended, _ = block.attention_update(hidden_states)
     hidden_states = attended.add_(hidden_states)
     for part in hidden_states.split(chunk, dim=1):
         part.add_(block.feed_forward_update(part))
@@ -126,6 +131,7 @@ def update_attention_block(
     padded = length
     if attention.is_causal and attention.uses_hyper_attention(length):
         padded = causal_padded_length(length, attention.config.hyper_min_seq_len)
+    draws = layer_draws(attention, batch, length)  # every head's, drawn once as the model's call draws them
     for head in range(heads):
         head_weight = weight[:, head].reshape(3 * head_dim, hidden)
         head_bias = None if bias is None else bias[:, head].reshape(3 * head_dim)
@@ -137,7 +143,7 @@ def update_attention_block(
             storage.release(hidden_states[:, part])
         # The head's output goes straight into its block of `merged` (its first `length` rows: the rest is
         # padding); HyperAttention merges its pieces there without another output-sized buffer.
-        attention.attend(*qkv, first_head=head, out=merged[head].unsqueeze(1), in_chunks=True)
+        attend_head(attention, *qkv, head=head, draws=draws, out=merged[head].unsqueeze(1))
         storage.release(merged[head])
         del qkv
     for part in chunks:
