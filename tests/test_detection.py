@@ -19,7 +19,7 @@ from transformers import AutoModelForObjectDetection, pipeline
 
 from xt_hf import XTConfig, XTForObjectDetection, XTImageProcessor
 from xt_hf.detection_head import centernet_targets, merge_region_detections
-from xt_hf.image_processing_xt_fast import XTImageProcessorFast
+from xt_hf.image_processing_pil_xt import XTImageProcessorPil
 from xt_hf.modeling_xt import detections_from_dense_maps
 from xt_hf.nested_tokenization import nested_tokenize, region_batches, region_grid_shape
 
@@ -333,7 +333,7 @@ def test_bad_labels_raise_naming_the_problem(labels, message):
         model(torch.randn(1, 3, REGION, REGION), labels=labels)
 
 
-@pytest.mark.parametrize("processor_class", [XTImageProcessor, XTImageProcessorFast])
+@pytest.mark.parametrize("processor_class", [XTImageProcessorPil, XTImageProcessor])
 def test_annotation_boxes_follow_resize_and_padding(processor_class):
     images = [np.zeros((40, 50, 3), np.uint8), np.zeros((33, 40, 3), np.uint8)]
     annotations = [
@@ -359,7 +359,7 @@ def test_annotation_boxes_follow_resize_and_padding(processor_class):
     torch.testing.assert_close(out["labels"][0]["boxes"], boxes.float())
     assert out["labels"][0]["size"].tolist() == [80, 100]
     # Without return_tensors, NumPy; both backends give the same labels.
-    other = XTImageProcessor if processor_class is XTImageProcessorFast else XTImageProcessorFast
+    other = XTImageProcessorPil if processor_class is XTImageProcessor else XTImageProcessor
     reference = other(region_size=REGION, do_resize=True, size={"height": 80, "width": 100})(
         images[0], annotations=annotations[0])
     np.testing.assert_array_equal(reference["labels"][0]["boxes"], out["labels"][0]["boxes"].numpy())

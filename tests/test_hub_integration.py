@@ -37,12 +37,13 @@ def test_saved_folder_carries_code_and_auto_map(saved_model):
     processor = json.loads((folder / "preprocessor_config.json").read_text())
     # One class per backend, the form AutoImageProcessor reads for remote code.
     assert processor["auto_map"]["AutoImageProcessor"] == {
-        "pil": "image_processing_xt.XTImageProcessor",
-        "torchvision": "image_processing_xt_fast.XTImageProcessorFast",
+        "torchvision": "image_processing_xt.XTImageProcessor",
+        "pil": "image_processing_pil_xt.XTImageProcessorPil",
     }
     assert processor["image_processor_type"] == "XTImageProcessor"
     for module in ("modeling_xt.py", "configuration_xt.py", "region_encoder.py", "context_encoder.py",
-                   "context_attention.py", "context_mamba.py", "image_processing_xt.py", "image_processing_xt_fast.py"):
+                   "context_attention.py", "context_mamba.py", "image_processing_xt.py", "image_processing_pil_xt.py",
+                   "image_processing_common_xt.py"):
         assert (folder / module).is_file(), module
 
 
@@ -69,8 +70,8 @@ def test_remote_code_loads_where_xt_hf_is_not_importable(saved_model, tmp_path):
         processor = AutoImageProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
         pil = AutoImageProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True, backend="pil")
         assert not type(model).__module__.startswith("xt_hf"), type(model).__module__
-        assert type(processor).__name__ == "XTImageProcessorFast", type(processor)  # torchvision: the default
-        assert type(pil).__name__ == "XTImageProcessor", type(pil)
+        assert type(processor).__name__ == "XTImageProcessor", type(processor)  # torchvision: the default
+        assert type(pil).__name__ == "XTImageProcessorPil", type(pil)
         image = np.random.default_rng(0).integers(0, 65536, (40, 50, 3), dtype=np.uint16)
         torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"],
                                    pil(image, return_tensors="pt")["pixel_values"], rtol=0, atol=1e-6)

@@ -1,8 +1,12 @@
-"""XTImageProcessor: any image size in, whole regions out, original pixels untouched."""
+"""XTImageProcessor (torchvision) and XTImageProcessorPil: any image size in, whole regions out, original pixels
+untouched; and processor folders saved before the transformers-5 names still load, with the same outputs."""
 
 from __future__ import annotations
 
+import ast
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +14,9 @@ import torch
 from PIL import Image
 from transformers.utils import is_torchvision_available
 
-from xt_hf import XTImageProcessor
-from xt_hf.image_processing_xt import dtype_rescale_factor, normalize_pixels
+from xt_hf.image_processing_common_xt import dtype_rescale_factor, normalize_pixels
+from xt_hf.image_processing_pil_xt import XTImageProcessorPil
+from xt_hf.image_processing_xt import XTImageProcessor
 
 needs_torchvision = pytest.mark.skipif(not is_torchvision_available(), reason="torchvision is not installed")
 
@@ -31,13 +36,18 @@ def by_hand(image: np.ndarray) -> np.ndarray:
     return (image.transpose(2, 0, 1) / 255.0 - MEAN) / STD
 
 
-@pytest.fixture
-def processor() -> XTImageProcessor:
-    return XTImageProcessor(region_size=REGION)
+BACKENDS = [XTImageProcessor, XTImageProcessorPil]
 
 
-def test_defaults_follow_the_original_xt():
-    processor = XTImageProcessor()
+@pytest.fixture(params=BACKENDS, ids=lambda cls: cls.__name__)
+def processor(request):
+    """Each backend: the behaviour below is that of both."""
+    return request.param(region_size=REGION)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda cls: cls.__name__)
+def test_defaults_follow_the_original_xt(backend):
+    processor = backend()
     assert processor.region_size == 256
     assert processor.do_rescale and processor.rescale_factor is None  # by data type: uint8 / 255
     assert processor.do_normalize
@@ -241,10 +251,11 @@ def test_16_bit_png_and_float_tiff_files(tmp_path):
 
 
 def test_float_images_above_one_are_used_as_given_with_a_warning(processor, caplog):
-    image = np.full((16, 16, 3), 3.75, dtype=np.float32)
+    largest = 3.75 if isinstance(processor, XTImageProcessor) else 4.25  # the warning is logged once per message
+    image = np.full((16, 16, 3), largest, dtype=np.float32)
     pixel_values = processor(image, return_tensors="np")["pixel_values"][0]
-    np.testing.assert_allclose(pixel_values, (3.75 - MEAN) / STD * np.ones((1, 16, 16)), rtol=0, atol=1e-5)
-    assert "values up to 3.75: pass rescale_factor=1/255" in caplog.text
+    np.testing.assert_allclose(pixel_values, (largest - MEAN) / STD * np.ones((1, 16, 16)), rtol=0, atol=1e-5)
+    assert f"values up to {largest:g}: pass rescale_factor=1/255" in caplog.text
 
 
 def test_an_explicit_rescale_factor_wins_over_the_data_type(tmp_path):
@@ -274,15 +285,6 @@ def test_dtype_rescale_factor():
             dtype_rescale_factor(dtype)
 
 
-def both_backends() -> list:
-    backends = [XTImageProcessor]
-    if is_torchvision_available():
-        from xt_hf.image_processing_xt_fast import XTImageProcessorFast
-
-        backends.append(XTImageProcessorFast)
-    return backends
-
-
 EIGHT_BIT_VALUES_IN_WIDER_TYPES = {
     "numpy int64 (rng.integers)": lambda image: image.astype(np.int64),
     "numpy int32": lambda image: image.astype(np.int32),
@@ -294,7 +296,7 @@ EIGHT_BIT_VALUES_IN_WIDER_TYPES = {
 }
 
 
-@pytest.mark.parametrize("backend", both_backends(), ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda cls: cls.__name__)
 @pytest.mark.parametrize("widen", EIGHT_BIT_VALUES_IN_WIDER_TYPES.values(), ids=EIGHT_BIT_VALUES_IN_WIDER_TYPES.keys())
 def test_integer_images_without_a_standard_range_are_refused_not_darkened(backend, widen):
     """Dividing int64 pixels by 2**63 - 1 made any picture black and still gave a prediction; now the error names
@@ -335,7 +337,7 @@ def test_a_saved_rescale_factor_counts_as_explicit_for_int64_images(tmp_path):
         XTImageProcessor.from_pretrained(tmp_path / "default")(image.astype(np.int64))
 
 
-@pytest.mark.parametrize("backend", both_backends(), ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda cls: cls.__name__)
 def test_per_channel_statistics_given_in_the_call_win_over_the_processor(backend):
     """transformers' common `test_call_numpy_4_channels` call: 4-channel images with 4 statistics in the call."""
     images = [random_image(20, 20, channels=4, seed=seed) for seed in range(2)]
@@ -421,7 +423,7 @@ def test_post_processing_undoes_a_resize_of_the_inputs():
     assert [tuple(m.shape) for m in maps] == [(20, 37), (30, 17)]
 
 
-# --- The torchvision backend ----------------------------------------------------------------------------------------
+# --- Two backends, named as transformers 5 names them -----------------------------------------------------------------
 
 
 def backend_inputs():
@@ -442,39 +444,167 @@ def backend_inputs():
     ids=["plain", "resize-to-regions", "resize-to-size", "bicubic", "nearest", "no-normalize"],
 )
 def test_torchvision_backend_matches_pil(settings):
-    from xt_hf.image_processing_xt_fast import XTImageProcessorFast
-
-    pil, fast = XTImageProcessor(region_size=REGION), XTImageProcessorFast(region_size=REGION)
+    torchvision, pil = XTImageProcessor(region_size=REGION), XTImageProcessorPil(region_size=REGION)
     for name, image in backend_inputs():
         expected = pil(image, return_tensors="pt", **settings)["pixel_values"]
-        got = fast(image, return_tensors="pt", **settings)["pixel_values"]
+        got = torchvision(image, return_tensors="pt", **settings)["pixel_values"]
         assert got.shape == expected.shape and got.dtype == torch.float32, name
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6, msg=name)
     batch = [image for _, image in backend_inputs()]
     torch.testing.assert_close(
-        fast(batch, return_tensors="pt", **settings)["pixel_values"],
+        torchvision(batch, return_tensors="pt", **settings)["pixel_values"],
         pil(batch, return_tensors="pt", **settings)["pixel_values"], rtol=0, atol=1e-6,
     )
-    numpy_out = fast(batch, return_tensors="np", **settings)["pixel_values"]
+    numpy_out = torchvision(batch, return_tensors="np", **settings)["pixel_values"]
     assert isinstance(numpy_out, np.ndarray) and numpy_out.dtype == np.float32
 
 
 @needs_torchvision
-def test_auto_image_processor_uses_the_torchvision_backend_without_falling_back(tmp_path, monkeypatch):
-    from xt_hf.image_processing_xt_fast import XTImageProcessorFast
-
+def test_auto_image_processor_picks_torchvision_by_default_and_pil_on_request(tmp_path, monkeypatch):
     from transformers import AutoImageProcessor
     from transformers.models.auto import image_processing_auto
 
     messages = []
     monkeypatch.setattr(image_processing_auto.logger, "warning_once", lambda message, *a, **k: messages.append(message))
-    XTImageProcessor(region_size=REGION, pad_value=-1.0).save_pretrained(tmp_path)
+    XTImageProcessorPil(region_size=REGION, pad_value=-1.0).save_pretrained(tmp_path)
     default = AutoImageProcessor.from_pretrained(tmp_path)
     pil = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
-    assert type(default) is XTImageProcessorFast and type(pil) is XTImageProcessor
+    assert type(default) is XTImageProcessor and type(pil) is XTImageProcessorPil
+    assert type(AutoImageProcessor.from_pretrained(tmp_path, backend="torchvision")) is XTImageProcessor
+    assert type(AutoImageProcessor.from_pretrained(tmp_path, use_fast=False)) is XTImageProcessorPil  # deprecated
     assert default.pad_value == pil.pad_value == -1.0
     assert not [m for m in messages if "Falling back" in m], messages
-    # Saved by the torchvision backend, the file is the same, backend-neutral one.
+    # Saved by either backend, the file is the same one, which names the class transformers gives both.
     default.save_pretrained(tmp_path / "again")
     again = json.loads((tmp_path / "again" / "preprocessor_config.json").read_text())
     assert again == json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert again["image_processor_type"] == "XTImageProcessor"
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda cls: cls.__name__)
+def test_each_backend_module_has_its_own_kwargs_class(backend):
+    """What transformers' common `test_valid_kwargs_set` checks: `valid_kwargs` is the `XTImageProcessorKwargs` of
+    the class's own module (the name without `Pil`), and the shared settings are in it."""
+    import sys
+
+    module = sys.modules[backend.__module__]
+    assert backend.valid_kwargs is vars(module)[f"{backend.__name__.removesuffix('Pil')}Kwargs"]
+    assert backend.valid_kwargs.__module__ == backend.__module__
+    assert {"region_size", "pad_value", "num_channels", "do_pad"} <= set(backend.valid_kwargs.__annotations__)
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """Top-level names a module imports when it is loaded (imports inside functions are left out)."""
+    tree = ast.parse(path.read_text())
+    statements = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+    statements += [inner for node in tree.body if isinstance(node, ast.If | ast.Try)
+                   for inner in ast.walk(node) if isinstance(inner, ast.Import | ast.ImportFrom)]
+    names = set()
+    for node in statements:
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_pil_backend_needs_no_torchvision():
+    """Remote code loads `image_processing_pil_xt.py` and what it imports where torchvision is not installed."""
+    source = Path(XTImageProcessorPil.__module__.replace(".", "/")).name
+    folder = Path(__import__("xt_hf").__file__).parent
+    for name in (f"{source}.py", "image_processing_common_xt.py"):
+        assert not {"torch", "torchvision"} & module_level_imports(folder / name), name
+
+
+# --- Folders saved before the rename (XTImageProcessor was PIL, XTImageProcessorFast torchvision) --------------------
+
+BEFORE_RENAME = Path(__file__).parent / "data" / "processors_before_rename"
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict:
+    """The input images and each folder's `pixel_values`, as the release before the rename computed them."""
+    with np.load(BEFORE_RENAME / "reference.npz") as reference:
+        return dict(reference)
+
+
+def recorded_input(folder: str, recorded: dict) -> np.ndarray:
+    return recorded["image_uint16" if folder == "pil_rescale_factor" else "image"]
+
+
+@needs_torchvision
+@pytest.mark.parametrize("folder", ["pil", "torchvision", "pil_rescale_factor"])
+def test_processor_folders_saved_before_the_rename_load_unchanged(folder, recorded):
+    """A `preprocessor_config.json` naming `XTImageProcessor`, with the auto_map of both old modules, loads with
+    `AutoImageProcessor` (torchvision by default, PIL on request; no trust_remote_code needed with xt_hf installed)
+    and with either class, keeps its settings and gives the recorded `pixel_values`: to the bit with the backend
+    that saved it, to float32 rounding with the other."""
+    from transformers import AutoImageProcessor
+
+    path = BEFORE_RENAME / folder
+    saved = json.loads((path / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "XTImageProcessor"
+    assert saved["auto_map"]["AutoImageProcessor"] == {
+        "pil": "image_processing_xt.XTImageProcessor", "torchvision": "image_processing_xt_fast.XTImageProcessorFast"}
+    saved_by = "torchvision" if folder == "torchvision" else "pil"
+    loaded = {
+        "torchvision": [AutoImageProcessor.from_pretrained(path), XTImageProcessor.from_pretrained(path),
+                        AutoImageProcessor.from_pretrained(path, trust_remote_code=True)],
+        "pil": [AutoImageProcessor.from_pretrained(path, backend="pil"), XTImageProcessorPil.from_pretrained(path)],
+    }
+    assert {type(processor) for processor in loaded["torchvision"]} == {XTImageProcessor}
+    assert {type(processor) for processor in loaded["pil"]} == {XTImageProcessorPil}
+    settings = {key: value for key, value in saved.items() if key not in ("auto_map", "image_processor_type")}
+    for backend, processors in loaded.items():
+        for processor in processors:
+            kept = {key: value for key, value in processor.to_dict().items() if key in settings}
+            assert json.loads(json.dumps(kept)) == settings, (backend, type(processor))
+            pixel_values = processor(recorded_input(folder, recorded), return_tensors="np")["pixel_values"]
+            tolerance = 0 if backend == saved_by else 1e-6
+            np.testing.assert_allclose(pixel_values, recorded[folder], rtol=0, atol=tolerance,
+                                       err_msg=f"{folder} loaded as {type(processor).__name__}")
+
+
+@needs_torchvision
+@pytest.mark.parametrize("old_type", ["XTImageProcessorFast", "XTImageProcessor"])
+@pytest.mark.parametrize("auto_map", ["both modules", "one module (a string)", "none"])
+def test_old_class_names_in_a_saved_file_resolve_to_the_renamed_backends(tmp_path, recorded, old_type, auto_map):
+    """Files that name the torchvision backend by its old name, or hold the one-string auto_map transformers writes
+    for a single class, load as the new classes with the recorded outputs."""
+    from transformers import AutoImageProcessor
+
+    shutil.copytree(BEFORE_RENAME / "torchvision", tmp_path, dirs_exist_ok=True)
+    config_file = tmp_path / "preprocessor_config.json"
+    saved = json.loads(config_file.read_text())
+    saved["image_processor_type"] = old_type
+    if auto_map == "none":
+        del saved["auto_map"]
+    elif auto_map != "both modules":
+        saved["auto_map"]["AutoImageProcessor"] = "image_processing_xt_fast.XTImageProcessorFast"
+    config_file.write_text(json.dumps(saved))
+    default, pil = AutoImageProcessor.from_pretrained(tmp_path), AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    assert type(default) is XTImageProcessor and type(pil) is XTImageProcessorPil
+    image = recorded_input("torchvision", recorded)
+    np.testing.assert_array_equal(default(image, return_tensors="np")["pixel_values"], recorded["torchvision"])
+    np.testing.assert_allclose(pil(image, return_tensors="np")["pixel_values"], recorded["torchvision"], atol=1e-6)
+
+
+def test_the_old_torchvision_name_is_a_deprecated_alias():
+    import xt_hf
+
+    with pytest.warns(FutureWarning, match=r"XTImageProcessorFast is deprecated.*use xt_hf\.XTImageProcessor"):
+        from xt_hf.image_processing_xt_fast import XTImageProcessorFast
+    assert XTImageProcessorFast is XTImageProcessor
+    with pytest.warns(FutureWarning, match="XTImageProcessorFast is deprecated"):
+        assert xt_hf.XTImageProcessorFast is XTImageProcessor
+    assert xt_hf.XTImageProcessor is XTImageProcessor and xt_hf.XTImageProcessorPil is XTImageProcessorPil
+
+
+@needs_torchvision
+def test_a_saved_folder_ships_both_backend_modules_for_remote_code(tmp_path):
+    XTImageProcessorPil(region_size=REGION).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["auto_map"]["AutoImageProcessor"] == {
+        "torchvision": "image_processing_xt.XTImageProcessor", "pil": "image_processing_pil_xt.XTImageProcessorPil"}
+    assert {path.name for path in tmp_path.glob("*.py")} == {
+        "image_processing_xt.py", "image_processing_pil_xt.py", "image_processing_common_xt.py"}

@@ -16,8 +16,8 @@ from torchvision.ops import box_convert, clip_boxes_to_image
 from xt_hf.engine.batch import Journal, read_table, write_table
 from xt_hf.engine.sources import ArraySource, RegionReader
 from xt_hf.engine.writers import atomic_write
+from xt_hf.image_processing_pil_xt import XTImageProcessorPil
 from xt_hf.image_processing_xt import XTImageProcessor, normalize_pixels, padded_frame
-from xt_hf.image_processing_xt_fast import XTImageProcessorFast
 from xt_hf.nested_tokenization import pad_to_region_multiple, region_grid_shape
 
 
@@ -81,7 +81,7 @@ def test_padded_frame_is_the_largest_size_rounded_up_to_whole_regions():
     assert padded_frame([torch.Size([65, 31])], 32) == (96, 32)
 
 
-@pytest.mark.parametrize("processor_class", [XTImageProcessor, XTImageProcessorFast])
+@pytest.mark.parametrize("processor_class", [XTImageProcessorPil, XTImageProcessor])
 def test_both_backends_pad_with_pad_value_exactly_as_by_hand(processor_class):
     images = [np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
               for seed, (h, w) in enumerate([(40, 70), (33, 40)])]

@@ -1,7 +1,7 @@
 """xT ("Nested Tokenization for Larger Context in Large Images") as transformers models.
 
-Importing the package registers XTConfig, XTModel, XTForImageClassification and XTImageProcessor with
-the transformers Auto classes, and marks them so that `save_pretrained` writes the code and `auto_map`
+Importing the package registers XTConfig, the models and both image processor backends (`XTImageProcessor`,
+torchvision, the default; `XTImageProcessorPil`) with the transformers Auto classes, and marks them so that `save_pretrained` writes the code and `auto_map`
 that let `trust_remote_code=True` load a saved model where this package is not installed.
 """
 
@@ -14,9 +14,9 @@ from transformers import (
     AutoModelForSemanticSegmentation,
 )
 from transformers.models.auto import modeling_auto
-from transformers.utils import is_torchvision_available
 
 from .configuration_xt import XTConfig
+from .image_processing_pil_xt import XTImageProcessorPil
 from .image_processing_xt import XTImageProcessor
 from .modeling_xt import (
     XTForImageClassification,
@@ -42,15 +42,11 @@ for _table, _model_class in (
     ("MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES", XTForObjectDetection),
 ):
     getattr(modeling_auto, _table, {}).setdefault(XTConfig.model_type, _model_class.__name__)
-# Both backends, so that AutoImageProcessor's default (torchvision when installed) needs no fallback. A processor saved
-# by either one lists both modules in its auto_map (one class per backend) for remote code.
-_image_processor_classes = {"pil": XTImageProcessor}
-if is_torchvision_available():
-    from .image_processing_xt_fast import XTImageProcessorFast
-
-    _image_processor_classes["torchvision"] = XTImageProcessorFast
-    XTImageProcessorFast.register_for_auto_class("AutoImageProcessor")
-AutoImageProcessor.register(XTConfig, image_processor_classes=_image_processor_classes, exist_ok=True)
+# Both backends, so that AutoImageProcessor's default (torchvision) needs no fallback. A processor saved by either one
+# lists both modules in its auto_map (one class per backend) for remote code.
+AutoImageProcessor.register(
+    XTConfig, image_processor_classes={"torchvision": XTImageProcessor, "pil": XTImageProcessorPil}, exist_ok=True
+)
 
 XTConfig.register_for_auto_class()
 XTModel.register_for_auto_class("AutoModel")
@@ -58,6 +54,17 @@ XTForImageClassification.register_for_auto_class("AutoModelForImageClassificatio
 XTForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 XTForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
 XTImageProcessor.register_for_auto_class("AutoImageProcessor")
+XTImageProcessorPil.register_for_auto_class("AutoImageProcessor")
+
+
+def __getattr__(name: str):
+    """`XTImageProcessorFast`, the old name of `XTImageProcessor`, for one more release (with a FutureWarning)."""
+    if name == "XTImageProcessorFast":
+        from . import image_processing_xt_fast
+
+        return image_processing_xt_fast.XTImageProcessorFast
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
@@ -67,6 +74,7 @@ __all__ = [
     "XTForObjectDetection",
     "XTForSemanticSegmentation",
     "XTImageProcessor",
+    "XTImageProcessorPil",
     "XTModel",
     "XTModelOutput",
     "XTPreTrainedModel",
