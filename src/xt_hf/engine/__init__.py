@@ -2,10 +2,11 @@
 
 The model files (one level up) say *what* xT computes and ship to the Hub; this package says *when and
 where*: it reads regions lazily from disk (`sources`), feeds them through the model's own region loop,
-schedules the context encoder's blocks a chunk of tokens at a time in place (`context`), can keep token
-buffers in files on disk (`spill`), drives every whole-scene task through one driver (`heads`, `scene`)
-and writes whole-scene outputs region by region (`writers`). It is chosen explicitly, by calling it or by
-the `xt-hf` commands, never by a grad mode.
+schedules the context encoder's blocks a chunk of tokens at a time in place (`context`; attention a head and a
+chunk of rows at a time, `attention`), can keep token buffers in files on disk (`spill`), drives every
+whole-scene task through one driver (`heads`, `scene`), writes whole-scene outputs region by region (`writers`)
+and runs many scenes into one results table (`batch`). It is chosen explicitly, by calling it or by the `xt-hf`
+commands, never by a grad mode.
 """
 
 from .batch import expand_inputs, run_batch
