@@ -80,3 +80,33 @@ def test_engine_options_are_one_object():
         parameters = ast.unparse(next(node for node in ast.walk(ast.parse((SRC / "engine" / "scene.py").read_text()))
                                       if isinstance(node, ast.FunctionDef) and node.name == function).args)
         assert "num_workers" not in parameters and "spill_directory" not in parameters, function
+
+
+def test_token_chunk_size_is_a_run_option_that_defaults_to_the_saved_value(tmp_path, monkeypatch):
+    """The context encoder's token chunk is chosen per run (`token_chunk_size`, `xt-hf --token-chunk-size`), the
+    model's saved `context_token_chunk_size` when none is given; it never changes the answer."""
+    import numpy as np
+
+    from xt_hf.engine import predict_streaming
+    from xt_hf_cli import main
+
+    torch.manual_seed(0)
+    model = XTForImageClassification(tiny_config(num_labels=3, context_token_chunk_size=4096)).eval()
+    image = np.random.default_rng(0).random((4 * 32, 3 * 32, 3), dtype=np.float32)
+    from xt_hf.engine import context
+
+    chunks = []
+    update = context.update_attention_block
+    monkeypatch.setattr(context, "update_attention_block", lambda layer, tokens, chunk, storage: (
+        chunks.append(chunk), update(layer, tokens, chunk, storage))[1])
+    whole = predict_streaming(model, image)
+    assert chunks == []  # the saved 4096 holds every token: the blocks' own forward
+    chunked = predict_streaming(model, image, token_chunk_size=5)
+    assert chunks and set(chunks) == {5}
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "model")
+    np.save(tmp_path / "image.npy", image)
+    for flags, expected in (([], []), (["--token-chunk-size", "5"], [5])):
+        chunks.clear()
+        main(["predict", str(tmp_path / "image.npy"), "--model", str(tmp_path / "model"), "--json", *flags])
+        assert sorted(set(chunks)) == expected

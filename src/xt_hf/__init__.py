@@ -1,8 +1,9 @@
 """xT ("Nested Tokenization for Larger Context in Large Images") as transformers models.
 
 Importing the package registers XTConfig, the models and both image processor backends (`XTImageProcessor`,
-torchvision, the default; `XTImageProcessorPil`) with the transformers Auto classes, and marks them so that `save_pretrained` writes the code and `auto_map`
-that let `trust_remote_code=True` load a saved model where this package is not installed.
+torchvision, the default; `XTImageProcessorPil`) with the transformers Auto classes, and marks them so that
+`save_pretrained` writes the code and `auto_map` that let `trust_remote_code=True` load a saved model where this
+package is not installed.
 """
 
 from transformers import (

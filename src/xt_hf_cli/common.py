@@ -35,6 +35,9 @@ def add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every whole-scene command shares: batching, reading, device, precision, spilling."""
     parser.add_argument("--region-batch-size", type=positive_int, metavar="N",
                         help="regions encoded at a time (default: the model's saved config.region_batch_size)")
+    parser.add_argument("--token-chunk-size", type=positive_int, metavar="N",
+                        help="context tokens whose per-token layers run at a time, in place (default: the model's "
+                             "saved config.context_token_chunk_size)")
     parser.add_argument("--num-workers", type=non_negative_int, default=0, help="background processes reading regions")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -219,10 +222,11 @@ def run_many(arguments: argparse.Namespace, *, command: str, auto_class, columns
 
 
 def scene_options(arguments: argparse.Namespace, processor, *, progress: bool):
-    """The engine's `SceneOptions` from the whole-scene flags; an unset `--region-batch-size` stays None, so the
-    engine uses the model's saved value."""
+    """The engine's `SceneOptions` from the whole-scene flags; an unset `--region-batch-size` or `--token-chunk-size`
+    stays None, so the engine uses the model's saved value."""
     from xt_hf.engine.scene import SceneOptions
 
     return SceneOptions(processor=processor, region_batch_size=arguments.region_batch_size,
-                        num_workers=arguments.num_workers, progress=progress, spill_directory=arguments.spill_dir,
+                        token_chunk_size=arguments.token_chunk_size, num_workers=arguments.num_workers,
+                        progress=progress, spill_directory=arguments.spill_dir,
                         shard_regions=getattr(arguments, "shard_regions", False))

@@ -52,32 +52,36 @@ def new_token_buffer(
 
 @torch.inference_mode()
 def encode_grid(
-    encoder: XTContextEncoder, grid: torch.Tensor, *, spill_directory: str | os.PathLike | None = None
+    encoder: XTContextEncoder, grid: torch.Tensor, *, spill_directory: str | os.PathLike | None = None,
+    token_chunk_size: int | None = None,
 ) -> ContextEncoding:
     """`encoder(grid)` for a stitched grid `(batch, C, h, w)` already in memory: its tokens embedded a chunk at a
     time into one buffer (spilled to `spill_directory` if given), then `encode_in_place`."""
+    chunk = token_chunk_size or encoder.config.context_token_chunk_size
     storage = token_storage(spill_directory)
     batch, _, height, width = grid.shape
     features = grid.flatten(2).transpose(1, 2)
     row, col = grid_cells(height, width, device=grid.device)
     tokens = new_token_buffer(encoder, batch, height * width, device=grid.device, storage=storage)
     grid_tokens = encoder.split_cls(tokens)[0]
-    for start in range(0, height * width, encoder.config.context_token_chunk_size):
-        part = slice(start, start + encoder.config.context_token_chunk_size)
+    for start in range(0, height * width, chunk):
+        part = slice(start, start + chunk)
         grid_tokens[:, part] = encoder.embed_tokens(features[:, part], row[part], col[part])
         storage.release(grid_tokens[:, part])
-    return encode_in_place(encoder, tokens, storage)
+    return encode_in_place(encoder, tokens, storage, token_chunk_size=chunk)
 
 
 @torch.inference_mode()
-def encode_in_place(encoder: XTContextEncoder, tokens: torch.Tensor, storage: InMemory = IN_MEMORY) -> ContextEncoding:
+def encode_in_place(encoder: XTContextEncoder, tokens: torch.Tensor, storage: InMemory = IN_MEMORY, *,
+                    token_chunk_size: int | None = None) -> ContextEncoding:
     """`encoder.encode(tokens)` without autograd, updating `tokens` `(batch, L [+ 1 CLS], hidden)` in place once
-    the sequence is longer than `context_token_chunk_size` (shorter ones run the blocks' own forward); `storage`
-    is where `tokens` lives (`spill.py`), and where the buffers made beside it go."""
+    the sequence is longer than `token_chunk_size` tokens (None: the model's saved `context_token_chunk_size`;
+    shorter ones run the blocks' own forward); `storage` is where `tokens` lives (`spill.py`), and where the
+    buffers made beside it go."""
     config = encoder.config
+    chunk = token_chunk_size or config.context_token_chunk_size
     if 0 < config.in_context_patches < tokens.shape[1]:
-        return _encode_windows(encoder, tokens, storage)
-    chunk = config.context_token_chunk_size
+        return _encode_windows(encoder, tokens, storage, chunk)
     # mamba_ssm's CUDA scan over the whole sequence is far faster than chunks of the plain one.
     kernels = any(isinstance(layer, XTMambaBlock) and layer.mixer.uses_kernels(tokens) for layer in encoder.layers)
     for layer in encoder.layers:
@@ -178,12 +182,11 @@ def update_mamba_block(
     return hidden_states
 
 
-def _encode_windows(encoder: XTContextEncoder, tokens: torch.Tensor, storage: InMemory) -> ContextEncoding:
+def _encode_windows(encoder: XTContextEncoder, tokens: torch.Tensor, storage: InMemory, chunk: int) -> ContextEncoding:
     """`encoder.encode_windows` with the outputs kept beside the tokens (spilled too when they are), each
     window's pages released once written."""
     outputs = storage.empty_beside(tokens, tuple(tokens.shape))
     cls_states = []
-    chunk = encoder.config.context_token_chunk_size
     for window in encoder.encode_windows(tokens, run_block=lambda block, piece: run_block(block, piece, chunk)):
         outputs[:, window.written] = window.tokens
         cls_states.append(window.cls_state)

@@ -40,6 +40,9 @@ class SceneOptions:
     region_batch_size: int | None = None
     """Regions encoded at a time; None: the model's saved `config.region_batch_size` (the config class's
     default when that says None, since holding a whole scene is what streaming avoids)."""
+    token_chunk_size: int | None = None
+    """Tokens the context encoder's per-token layers run at a time, in place; None: the model's saved
+    `config.context_token_chunk_size`."""
     num_workers: int = 0
     """Processes that read regions ahead."""
     progress: bool = False
@@ -149,7 +152,8 @@ def _encode_context(model, reader: RegionReader, storage: InMemory, options: Sce
         storage.release(grid_tokens[:, flat.min() : flat.max() + 1])
     del embedded
     _return_freed_memory()
-    return xt.output_from_encoding(encode_in_place(encoder, tokens, storage)), grid_shape
+    encoding = encode_in_place(encoder, tokens, storage, token_chunk_size=options.token_chunk_size)
+    return xt.output_from_encoding(encoding), grid_shape
 
 
 def _embedded_regions(model, reader: RegionReader, feed: Iterator[RegionBatch]):
@@ -219,7 +223,8 @@ def _encode_context_across_processes(model, reader: RegionReader, storage: InMem
             grid_tokens[0, positions] = values
             storage.release(grid_tokens[:, int(positions.min()) : int(positions.max()) + 1])
     _return_freed_memory()
-    return model.base_model.output_from_encoding(encode_in_place(encoder, tokens, storage)), grid_shape
+    encoding = encode_in_place(encoder, tokens, storage, token_chunk_size=options.token_chunk_size)
+    return model.base_model.output_from_encoding(encoding), grid_shape
 
 
 def _token_cells(index: RegionIndex, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,7 +300,8 @@ def detect_streaming(model, image, options: SceneOptions | None = None, *, thres
                      ) -> dict[str, torch.Tensor]:
     """Whole-scene object detection of one large image (`DetectObjects`): `{"scores", "labels", "boxes"}`, boxes
     absolute x1, y1, x2, y2 in the image's pixels, from the same per-region pieces in the same order as the
-    in-memory forward, so an image that fits gives the same detections either way. `options` and `changes` as `run_scene`'s."""
+    in-memory forward, so an image that fits gives the same detections either way. `options` and `changes` as
+    `run_scene`'s."""
     return run_scene(model, image, DetectObjects(threshold), options, **changes)
 
 
