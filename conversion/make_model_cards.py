@@ -1,4 +1,5 @@
-"""Regenerate `modeling/<hub_name>/{README.md, config.json}` for every variant in `variants.json`.
+"""Regenerate `modeling/<hub_name>/{README.md, config.json}` and the model's Space (`space/app.py`, `space/README.md`,
+`space/requirements.txt`: the xT app on it) for every variant in `variants.json`.
 
     python -m conversion.make_model_cards [--check]
 
@@ -19,7 +20,7 @@ if __package__ in (None, ""):
     sys.exit(f"Run this as a module from the repository root: python -m conversion.{Path(__file__).stem} ...")
 
 from .convert_original_checkpoint import load_variants  # noqa: E402
-from .model_card import render_model_card  # noqa: E402
+from .model_card import render_model_card, render_space_files  # noqa: E402
 from .original_config import xt_config_from_original  # noqa: E402
 
 MODELING = Path(__file__).resolve().parents[1] / "modeling"
@@ -33,7 +34,10 @@ def expected_files() -> dict[Path, str]:
     for entry in load_variants().values():
         config = xt_config_from_original(entry["original_config"])
         folder = MODELING / entry["hub_name"]
-        files[folder / "README.md"] = render_model_card(entry, config, repo_id=f"xt-hf/{entry['hub_name']}")
+        repo_id = f"xt-hf/{entry['hub_name']}"
+        files[folder / "README.md"] = render_model_card(entry, config, repo_id=repo_id)
+        for name, content in render_space_files(entry, config, repo_id).items():
+            files[folder / "space" / name] = content
         fields = {key: value for key, value in config.to_diff_dict().items() if key not in WRITER_RECORDS}
         files[folder / "config.json"] = json.dumps(fields, indent=2, sort_keys=True) + "\n"
     return files

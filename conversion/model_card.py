@@ -1,4 +1,5 @@
-"""Model cards for converted xT checkpoints: Hub metadata, the paper's numbers, a runnable demo, the citation."""
+"""Model cards for converted xT checkpoints: Hub metadata, the paper's numbers, a runnable demo, the citation; and
+the files of each model's Hugging Face Space, which runs the xT app (`xt_hf_app`) on it."""
 
 from __future__ import annotations
 
@@ -41,6 +42,56 @@ print(len(found["scores"]), "objects")
 for score, label, box in zip(found["scores"], found["labels"], found["boxes"]):
     print(model.config.id2label[int(label)], round(float(score), 3), [round(float(v), 1) for v in box])'''),
 }
+
+
+# The Gradio release the Spaces were written for (the Hub reads it from the Space's front matter).
+GRADIO_SDK_VERSION = "6.31.0"
+SPACE_REQUIREMENTS = "xt-hf[app]\n"
+SPACE_APP = '''"""The xT app for {repo_id}, as a Hugging Face Space (written by conversion/make_model_cards.py).
+
+Locally: pip install "xt-hf[app]" && xt-hf app --model {repo_id}
+"""
+
+from xt_hf_app import build_app
+
+demo = build_app("{repo_id}")
+
+if __name__ == "__main__":
+    demo.launch()
+'''
+
+
+def space_id(repo_id: str) -> str:
+    """The Space that runs the app on model `repo_id`."""
+    return f"{repo_id}-demo"
+
+
+def render_space_files(entry: dict | None, config, repo_id: str) -> dict[str, str]:
+    """`app.py`, `README.md` (the Space's front matter) and `requirements.txt` of the Space for `repo_id`."""
+    name = entry["hub_name"] if entry else repo_id.split("/")[-1]
+    architecture = next((a for a in (config.architectures or []) if a in TASKS), "XTForImageClassification")
+    readme = f"""---
+title: xT {name}
+emoji: 🔭
+colorFrom: blue
+colorTo: red
+sdk: gradio
+sdk_version: {GRADIO_SDK_VERSION}
+app_file: app.py
+pinned: false
+license: mit
+short_description: xT ({TASKS[architecture][0]}) on large images, with where its context came from
+models:
+- {repo_id}
+---
+
+# xT {name}: live demo
+
+The xT app (`xt_hf_app` of xt-hf) on [{repo_id}](https://huggingface.co/{repo_id}): upload an image or run a
+generated example; the page answers for the model's task and, for a classifier, maps how much each region's tokens
+moved the answer. The same page runs locally with `xt-hf app --model {repo_id}`.
+"""
+    return {"app.py": SPACE_APP.format(repo_id=repo_id), "README.md": readme, "requirements.txt": SPACE_REQUIREMENTS}
 
 
 def demo_for(config, repo_id: str, image_size: int) -> str:
@@ -136,6 +187,12 @@ long-sequence context encoder over the whole image.
 The image processor rescales, normalises with ImageNet statistics (as the original) and pads the
 bottom and right to whole regions. Pass `region_batch_size` to `from_pretrained` to bound memory on
 very large images.
+
+## Live demo
+
+The [xT app Space](https://huggingface.co/spaces/{space_id(repo_id)}) runs this model in the browser: upload an
+image or run a generated example, see the answer and, for a classifier, which regions its context came from. The
+same page locally: `pip install "xt-hf[app]"` and `xt-hf app --model {repo_id}` (the Space's files are in `space/`).
 {"" if not notes else chr(10) + "## Notes" + chr(10) + chr(10) + notes + chr(10)}
 ## Citation
 

@@ -22,6 +22,14 @@ RULES = [
     pytest.param(sorted((SRC / "xt_hf" / "synthetic").rglob("*.py")), "transformers",
                  "the synthetic tasks make data; loading and scoring a saved model is training's job "
                  "(xt_hf.training.score)", id="synthetic-loads-no-model"),
+    pytest.param(sorted((SRC / "xt_hf").rglob("*.py")), "xt_hf_app", "the library never depends on the app above it",
+                 id="library-not-app"),
+    pytest.param(sorted((SRC / "xt_hf_app").rglob("*.py")), "xt_hf_cli",
+                 "the app sits beside the command line: `xt-hf app` starts the app, the app never calls the commands",
+                 id="app-not-cli"),
+    pytest.param(sorted(path for path in (SRC / "xt_hf_app").rglob("*.py") if path.name != "ui.py"), "gradio",
+                 "Gradio is an extra: only the page (xt_hf_app/ui.py) imports it, so the rest runs and is tested "
+                 "without it", id="app-gradio-only-in-ui"),
     pytest.param(MODEL_FILES, "xt_hf.engine", "the model says what, the engine when and where", id="model-not-engine"),
     pytest.param(MODEL_FILES, "xt_hf.training", "the model files ship to the Hub without the training code",
                  id="model-not-training"),
