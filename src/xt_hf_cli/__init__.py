@@ -4,6 +4,8 @@
     xt-hf predict IMAGE --model   classify any supported large-image source, streaming its regions
     xt-hf segment IMAGE --model   whole-scene segmentation straight to zarr or tiled TIFF
     xt-hf detect IMAGE --model    whole-scene object detection into GeoJSON, JSON or CSV
+    xt-hf stats SCENE...          per-band mean and std of scenes, for the image processor
+    xt-hf app --model M           a page in the browser for any xT model (Gradio)
     xt-hf train --config FILE     fine-tune with Accelerate
 
 A package of its own, beside `xt_hf`: importing anything inside `xt_hf` imports torch and registers the
@@ -19,7 +21,7 @@ import importlib
 import sys
 
 # Modules providing `add_parser(subparsers)`, which registers a command whose `run(arguments)` does the work.
-COMMAND_MODULES = ("demo", "predict", "segment", "detect", "embed")
+COMMAND_MODULES = ("demo", "predict", "segment", "detect", "embed", "app", "stats")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"{__name__}.{name}").add_parser(commands)
-    commands.add_parser("train", help="fine-tune an xT classifier or segmenter with Accelerate (xt-hf train --help)")
+    commands.add_parser("train", help="fine-tune an xT classifier, segmenter or detector with Accelerate (xt-hf train --help)")
     arguments = parser.parse_args(argv)
     arguments.run(arguments)
 

@@ -31,6 +31,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def band_numbers(text: str) -> tuple[int, ...]:
+    """argparse type: 1-based band numbers separated by commas, `1,2` (as GDAL and rasterio number bands)."""
+    try:
+        bands = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected band numbers separated by commas, such as 1,2; got {text!r}")
+    if any(band < 1 for band in bands):
+        raise argparse.ArgumentTypeError(f"bands are numbered from 1; got {text!r}")
+    return bands
+
+
 def add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every whole-scene command shares: batching, reading, device, precision, spilling."""
     parser.add_argument("--region-batch-size", type=positive_int, metavar="N",
@@ -45,7 +56,9 @@ def add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
                         "(memory then holds chunks; the disk needs about twice the token grid)")
     parser.add_argument("--rescale-factor", type=float, help="multiply raw pixels by this before normalising "
                         "(default: the model's processor setting, else by data type: uint8 1/255, uint16 1/65535, "
-                        "floats taken as [0, 1])")
+                        "floats as they are)")
+    parser.add_argument("--bands", type=band_numbers, metavar="1,2", help="the bands (channels) to read, numbered "
+                        "from 1, in order (default: all); a GeoTIFF reads only these")
 
 
 def with_rescale_factor(processor, model, rescale_factor: float | None):
@@ -143,7 +156,7 @@ def load_streaming_model(arguments: argparse.Namespace, auto_class, *, task: str
     return model, with_rescale_factor(processor, model, arguments.rescale_factor), device
 
 
-def open_input(image, region_size: int | None = None):
+def open_input(image, region_size: int | None = None, bands: tuple[int, ...] | None = None):
     """The region source of `image` (a path, or a source opened earlier), or a usage error naming the file and
     the problem. Called before the model loads, so that a file that cannot be an image (another array layout,
     truncated, a header that claims data the file lacks) is named at once rather than after minutes of loading;
@@ -151,7 +164,7 @@ def open_input(image, region_size: int | None = None):
     from xt_hf.engine import open_region_source
 
     try:
-        return open_region_source(image, region_size)
+        return open_region_source(image, region_size, bands=bands)
     except ValueError as error:
         fail(str(error))
 
@@ -199,6 +212,8 @@ def run_many(arguments: argparse.Namespace, *, command: str, auto_class, columns
     """
     from xt_hf.engine.batch import check_table_output, distributed_state, expand_inputs, run_batch
 
+    if getattr(arguments, "bands", None) is not None:  # until the engine's batch path reads bands: never ignore them
+        fail("--bands works on one input at a time, not yet with a results table --output")
     output = Path(arguments.output)
     model_id = os.path.realpath(arguments.model) if Path(arguments.model).expanduser().exists() else arguments.model
     signature = {"command": command, "model": model_id, "dtype": arguments.dtype,
@@ -230,3 +245,27 @@ def scene_options(arguments: argparse.Namespace, processor, *, progress: bool):
                         token_chunk_size=arguments.token_chunk_size, num_workers=arguments.num_workers,
                         progress=progress, spill_directory=arguments.spill_dir,
                         shard_regions=getattr(arguments, "shard_regions", False))
+
+
+def add_preview_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--preview out.png` and its size: a downsampled picture of the scene with `what` drawn over it."""
+    parser.add_argument("--preview", metavar="PNG", help=f"also draw the scene, downsampled, with {what} and a "
+                        "legend into this .png (from the file's overviews when it has them; memory bounded by the "
+                        "picture)")
+    parser.add_argument("--preview-size", type=positive_int, default=1024, metavar="PX",
+                        help="the preview's longer side in pixels (default 1024)")
+
+
+def check_preview_output(arguments: argparse.Namespace):
+    """The `--preview` path checked before any work (a `.png` in a writable folder, not replacing a file without
+    `--overwrite`), or None when no preview was asked for."""
+    if arguments.preview is None:
+        return None
+    from xt_hf.engine.writers import check_output_path
+
+    if arguments.preview_size < 16:
+        fail(f"--preview-size {arguments.preview_size}: at least 16 px")
+    try:
+        return check_output_path(arguments.preview, suffixes=(".png",), overwrite=arguments.overwrite)
+    except ValueError as error:
+        fail(f"--preview {arguments.preview}: {error}")

@@ -1,4 +1,4 @@
-"""`xt-hf predict IMAGE --model PATH_OR_HUB_ID`: classify a large image read region by region.
+"""`xt-hf predict IMAGE --model PATH_OR_HUB_ID [--preview scene.png]`: classify a large image read region by region.
 
 `xt-hf predict IMAGES... --model M --output results.parquet` (or `.jsonl`): many inputs, one row each (top-k
 labels and scores, seconds, error), resumable, shared between processes under `accelerate launch`."""
@@ -15,7 +15,9 @@ from .common import (
     TABLE_SUFFIXES,
     add_inputs_argument,
     add_overwrite_argument,
+    add_preview_arguments,
     add_streaming_arguments,
+    check_preview_output,
     fail,
     is_table,
     load_streaming_model,
@@ -41,6 +43,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--shard-regions", action="store_true",
                         help="one image under torchrun / accelerate launch: the processes share its regions, rank 0 "
                              "runs the context encoder and prints")
+    add_preview_arguments(parser, "its grid of regions and the top labels")
     add_overwrite_argument(parser)
     parser.set_defaults(run=run)
 
@@ -49,6 +52,8 @@ def run(arguments: argparse.Namespace) -> None:
     if arguments.output is not None and not is_table(arguments.output):
         fail(f"--output {arguments.output}: a results table is {' or '.join(TABLE_SUFFIXES)}")
     if is_table(arguments.output):
+        if arguments.preview is not None:
+            fail("--preview draws one scene: leave it out with a results table, or predict that scene alone")
         run_many(arguments, command="predict", auto_class=_classifier_class(), columns=COLUMNS,
                  signature={"top_k": arguments.top_k}, make_work=lambda model, processor, images: _work(
                      arguments, model, processor))
@@ -85,7 +90,8 @@ def run_one(arguments: argparse.Namespace) -> None:
     from xt_hf.engine import predict_streaming
     from xt_hf.nested_tokenization import region_grid_shape
 
-    source = open_input(arguments.image)
+    preview = check_preview_output(arguments)
+    source = open_input(arguments.image, bands=getattr(arguments, "bands", None))
     state = None
     if arguments.shard_regions:
         from xt_hf.engine.batch import distributed_state
@@ -124,6 +130,12 @@ def run_one(arguments: argparse.Namespace) -> None:
         "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
         "spill_directory": arguments.spill_dir,
     }
+    if preview is not None:
+        from xt_hf.engine.preview import preview_prediction
+
+        preview_prediction(source, region_size=region, output=preview, max_side=arguments.preview_size,
+                           predictions=[(p["label"], p["score"]) for p in result["predictions"]])
+        result["preview"] = str(preview)
     if arguments.json:
         print(json.dumps(result))
         return

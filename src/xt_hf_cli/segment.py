@@ -1,4 +1,5 @@
-"""`xt-hf segment IMAGE --model PATH --output mask.tif`: whole-scene segmentation written straight to disk.
+"""`xt-hf segment IMAGE --model PATH --output mask.tif [--preview mask.png]`: whole-scene segmentation written
+straight to disk; a georeferenced scene (a GeoTIFF with a CRS) gives a Cloud-Optimised GeoTIFF in its CRS.
 
 `xt-hf segment IMAGES... --model M --output results.parquet --output-dir masks/` (or `.jsonl`): many inputs,
 each mask written into `--output-dir` under a name derived from its input, one row each (the mask's path, its
@@ -14,7 +15,9 @@ from pathlib import Path
 from .common import (
     add_inputs_argument,
     add_overwrite_argument,
+    add_preview_arguments,
     add_streaming_arguments,
+    check_preview_output,
     fail,
     is_table,
     load_streaming_model,
@@ -31,18 +34,22 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("segment", help="segment a large scene region by region into a mask on disk")
     add_inputs_argument(parser)
     parser.add_argument("--model", required=True, help="local folder or Hub id of an XTForSemanticSegmentation")
-    parser.add_argument("--output", required=True, help="class map to write: .tif (tiled) or .zarr; for many inputs "
-                        "a results table, .parquet or .jsonl, with the masks in --output-dir")
+    parser.add_argument("--output", required=True, help="class map to write: .tif (tiled; a Cloud-Optimised GeoTIFF "
+                        "for a georeferenced scene) or .zarr; for many inputs a results table, .parquet or .jsonl, "
+                        "with the masks in --output-dir")
     parser.add_argument("--output-dir", help="many inputs: the folder for their masks (<input name>.zarr or .tif)")
     parser.add_argument("--mask-format", choices=["zarr", "tif"], default="zarr",
                         help="many inputs: the masks' format (default zarr)")
     add_streaming_arguments(parser)
+    add_preview_arguments(parser, "the class map")
     add_overwrite_argument(parser)
     parser.set_defaults(run=run)
 
 
 def run(arguments: argparse.Namespace) -> None:
     if is_table(arguments.output):
+        if arguments.preview is not None:
+            fail("--preview draws one scene: leave it out with a results table, or segment that scene alone")
         run_masks(arguments)
         return
     if len(arguments.images) > 1:
@@ -96,7 +103,8 @@ def run_one(arguments: argparse.Namespace) -> None:
         check_output_path(arguments.output, suffixes=CLASS_MAP_SUFFIXES, overwrite=arguments.overwrite)
     except ValueError as error:
         fail(f"--output {arguments.output}: {error}")
-    source = open_input(arguments.image)
+    preview = check_preview_output(arguments)
+    source = open_input(arguments.image, bands=getattr(arguments, "bands", None))
     model, processor, _ = load_streaming_model(arguments, AutoModelForSemanticSegmentation, task="xt-hf segment")
     source = open_input(source, model.config.region_size)
     start = time.perf_counter()
@@ -107,5 +115,16 @@ def run_one(arguments: argparse.Namespace) -> None:
     except ValueError as error:
         fail(str(error))
     seconds = time.perf_counter() - start
+    if preview is not None:
+        from xt_hf.engine.preview import preview_segmentation
+        from xt_hf.engine.writers import class_map_dtype
+
+        config = model.config
+        preview_segmentation(source, arguments.output, stride=config.decoder_output_stride,
+                             class_names=[config.id2label[i] for i in range(config.num_labels)],
+                             nodata=class_map_dtype(config.num_labels)[1], output=preview,
+                             max_side=arguments.preview_size)
+    kind = "georeferenced " if getattr(source, "georeference", None) is not None else ""
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"wrote {arguments.output}: {width}×{height} class map in {seconds:.1f} s, peak RSS {peak_mb:.0f} MB")
+    print(f"wrote {arguments.output}: {width}×{height} {kind}class map in {seconds:.1f} s"
+          f"{f', preview {preview}' if preview is not None else ''}, peak RSS {peak_mb:.0f} MB")

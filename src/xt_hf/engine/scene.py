@@ -254,9 +254,10 @@ def _return_freed_memory() -> None:
 def run_scene(model, image, task: SceneTask, options: SceneOptions | None = None, **changes):
     """`task`'s answer for one large image read region by region (`heads.py`): the model checked for the head the
     task needs, the image's reader and the token storage made once, the context encoded once (pass one), then the
-    task given the encoding and every region's head outputs, which a second pass computes as the task reads them
-    (`_decoded_regions`). How it runs: `options` (a `SceneOptions`) with `changes`, e.g. `region_batch_size=8`; with
-    `shard_regions` (torch.distributed), ranks other than 0 get None."""
+    task given the encoding, every region's head outputs, which a second pass computes as the task reads them
+    (`_decoded_regions`), and the scene's source (its size, georeference and data mask). How it runs: `options` (a
+    `SceneOptions`) with `changes`, e.g. `region_batch_size=8`; with `shard_regions` (torch.distributed), ranks other
+    than 0 get None."""
     options = SceneOptions.of(options, **changes)
     require_head(model, task.needs, task.name)
     reader = region_reader_for(model, image, options.processor)
@@ -265,7 +266,7 @@ def run_scene(model, image, task: SceneTask, options: SceneOptions | None = None
     if encoded is None:
         return None
     regions = _decoded_regions(model, reader, storage, encoded, grid_shape, options)
-    return task.answer(model, encoded, regions, (reader.source.height, reader.source.width))
+    return task.answer(model, encoded, regions, reader.source)
 
 
 def _decoded_regions(model, reader: RegionReader, storage: InMemory, encoded: XTModelOutput,
