@@ -1,0 +1,1 @@
+"""transformers' own generic tests (ModelTesterMixin, ConfigTester, ImageProcessingTestMixin) run against xT."""
