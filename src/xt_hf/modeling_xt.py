@@ -198,8 +198,11 @@ class XTModel(XTPreTrainedModel):
         grid = region_feature_maps[-1]
         if self.context_encoder is None:
             tokens = grid.flatten(2).transpose(1, 2)
-            # No blocks: the only hidden state is the sequence itself.
-            encoding = ContextEncoding(tokens=tokens, cls_state=None, hidden_states=(tokens,) if output_hidden_states else None)
+            # No blocks: the only hidden state is the sequence itself. The decoders read the deepest stage back
+            # through it (a view of the same storage), so that the hidden state lies on their gradient path.
+            region_feature_maps = (*region_feature_maps[:-1], tokens.transpose(1, 2).reshape(grid.shape))
+            encoding = ContextEncoding(tokens=tokens, cls_state=None,
+                                       hidden_states=(tokens,) if output_hidden_states else None)
         else:
             encoding = self.context_encoder(
                 grid, output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions)

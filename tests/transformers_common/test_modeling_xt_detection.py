@@ -13,7 +13,7 @@ from transformers.testing_utils import set_config_for_less_flaky_test, set_model
 
 from xt_hf import XTForObjectDetection
 
-from .xt_testers import HIDDEN_STATES_OFF_THE_DECODER_PATH, XTModelTestBase, context_encoder_covered_by_xt_model
+from .xt_testers import XTModelTestBase, context_encoder_covered_by_xt_model
 
 DENSE_OUTPUTS = ("heatmap", "box_sizes", "box_offsets")
 
@@ -80,7 +80,3 @@ class XTForObjectDetectionWithMambaTest(XTForObjectDetectionWithAttentionTest):
 
 class XTForObjectDetectionWithoutContextEncoderTest(XTForObjectDetectionWithAttentionTest):
     context_encoder = "none"
-
-    @HIDDEN_STATES_OFF_THE_DECODER_PATH
-    def test_retain_grad_hidden_states_attentions(self):
-        super().test_retain_grad_hidden_states_attentions()

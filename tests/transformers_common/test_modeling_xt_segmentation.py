@@ -5,7 +5,7 @@ import unittest
 
 from xt_hf import XTForSemanticSegmentation
 
-from .xt_testers import HIDDEN_STATES_OFF_THE_DECODER_PATH, XTModelTestBase, context_encoder_covered_by_xt_model
+from .xt_testers import XTModelTestBase, context_encoder_covered_by_xt_model
 
 
 @context_encoder_covered_by_xt_model
@@ -20,7 +20,3 @@ class XTForSemanticSegmentationWithMambaTest(XTForSemanticSegmentationWithAttent
 
 class XTForSemanticSegmentationWithoutContextEncoderTest(XTForSemanticSegmentationWithAttentionTest):
     context_encoder = "none"
-
-    @HIDDEN_STATES_OFF_THE_DECODER_PATH
-    def test_retain_grad_hidden_states_attentions(self):
-        super().test_retain_grad_hidden_states_attentions()

@@ -108,15 +108,5 @@ def context_encoder_covered_by_xt_model(test_class):
     return test_class
 
 
-# A known xt-hf bug (reported to the lead; docs/transformers-tests.md): without a context encoder, the heads that
-# decode regions read the stitched deepest-stage maps, not the `hidden_states` tokens made from them, so a gradient
-# from their output never reaches `hidden_states`. `strict`: the test fails as soon as the bug is fixed, so that this
-# marker is removed with it.
-HIDDEN_STATES_OFF_THE_DECODER_PATH = pytest.mark.xfail(
-    strict=True,
-    reason="xt-hf bug: without a context encoder, the decoder reads the stitched maps, not hidden_states' tokens",
-)
-
-
-__all__ = ["HIDDEN_STATES_OFF_THE_DECODER_PATH", "XTModelTestBase", "XTModelTester",
+__all__ = ["XTModelTestBase", "XTModelTester",
            "context_encoder_covered_by_xt_model", "modeling_common"]
