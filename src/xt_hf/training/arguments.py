@@ -131,6 +131,9 @@ class OptimizationArguments:
         "help": "Accelerate autocast; unset (null), the `accelerate launch` config's setting, else no."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute backbone and context-encoder activations in the backward pass."})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the region encoder's backbone and the context encoder (inductor); the first "
+                "steps, and each new region batch or image shape, compile first."})
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps"):

@@ -113,6 +113,8 @@ def train(config: TrainConfig) -> dict[str, float]:
     model, processor = load_model_and_processor(config, model_config, task, train_split)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if config.compile:
+        compile_model(model)
     train_dataset = task.prepare(train_split, processor, model.config)
     eval_dataset = task.prepare(eval_split, processor, model.config) if eval_split is not None else None
     collate = task.collator(processor, model.config)
@@ -256,6 +258,19 @@ def train(config: TrainConfig) -> dict[str, float]:
         best_key = "best/" + task.best_metric.split("/", 1)[1]  # best/top1, best/mean_iou or best/map_50
         metrics = {**metrics, best_key: progress.best_metric, "best/step": progress.best_step}
     return metrics
+
+
+def compile_model(model: torch.nn.Module, **compile_options) -> torch.nn.Module:
+    """`compile: true`: compiles, in place, the modules that do nearly all the arithmetic, the region encoder's
+    backbone and the context encoder (`nn.Module.compile`: parameters and state-dict keys unchanged, so
+    checkpoints, `save_pretrained` and Accelerate's wrapping see the same model). The region loop, stitching
+    and the heads stay eager: they are cheap, and the loop's `grad_ratio` draw and chunking would break the
+    graph anyway. `compile_options` go to `torch.compile` (e.g. `backend="aot_eager"`)."""
+    xt = model.base_model  # XTModel under every task head
+    xt.region_encoder.backbone.compile(**compile_options)
+    if xt.context_encoder is not None:
+        xt.context_encoder.compile(**compile_options)
+    return model
 
 
 def save_model(accelerator, model, processor, folder: Path, metrics: dict) -> None:
