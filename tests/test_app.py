@@ -165,3 +165,8 @@ def test_every_model_repo_has_a_space_running_the_app():
         assert "sdk: gradio" in front_matter and "app_file: app.py" in front_matter and f"xt-hf/{name}" in front_matter
         assert "xt-hf[app]" in (space / "requirements.txt").read_text()
         assert f"https://huggingface.co/spaces/xt-hf/{name}-demo" in card.read_text()
+
+
+def test_a_missing_model_folder_is_named_as_such(tmp_path):
+    with pytest.raises(AppError, match=r"No folder .*missing-model: it does not exist"):
+        load_model(str(tmp_path / "missing-model"))

@@ -51,11 +51,13 @@ def load_model(model_id: str, device: str = "cpu") -> LoadedModel:
                               AutoModelForObjectDetection, AutoModelForSemanticSegmentation)
 
     import xt_hf  # noqa: F401  (registers the xT classes with the Auto classes)
+    from xt_hf.configuration_xt import named_missing_folder
 
     auto_classes = {"classification": AutoModelForImageClassification, "segmentation": AutoModelForSemanticSegmentation,
                     "detection": AutoModelForObjectDetection}
     try:
-        config = AutoConfig.from_pretrained(model_id, trust_remote_code=True)
+        with named_missing_folder(model_id):  # a missing local folder named as such, not as a malformed repo id
+            config = AutoConfig.from_pretrained(model_id, trust_remote_code=True)
     except (OSError, ValueError) as error:
         raise AppError(f"Cannot load the model {model_id!r}: {error}") from None
     if config.model_type != "xt":
