@@ -110,3 +110,11 @@ def test_token_chunk_size_is_a_run_option_that_defaults_to_the_saved_value(tmp_p
         chunks.clear()
         main(["predict", str(tmp_path / "image.npy"), "--model", str(tmp_path / "model"), "--json", *flags])
         assert sorted(set(chunks)) == expected
+
+
+def test_no_code_reads_its_callers_frames_or_evaluates_text():
+    """Settings are validated declaratively (`XTConfig`'s `@strict` validators): nothing walks stack frames or
+    `eval`s annotations."""
+    offenders = [f"{path.relative_to(SRC)}:{call.lineno}" for path in SRC.rglob("*.py") for call in calls(path)
+                 if ast.unparse(call.func) in ("sys._getframe", "inspect.stack", "inspect.currentframe", "eval")]
+    assert not offenders
